@@ -1,0 +1,373 @@
+"""Every stage's parameters as strict, frozen pydantic models.
+
+`params.yaml` names a `preset` (smoke, cpu, paper) and may override any key; the preset supplies
+every key the file leaves out. Unknown keys and bad values fail at start with one line naming the
+key, the value and the reason (`load_params`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cxrcf.errors import CxrcfError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------------------- data
+class SplitConfig(Strict):
+    train: float = Field(0.8, gt=0, lt=1)
+    val: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.1, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self):
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1, got {self.train + self.val + self.test:g}")
+        return self
+
+
+class SynthConfig(Strict):
+    """SynthCXR generation settings (the default dataset)."""
+
+    n_images: int = Field(20000, ge=10)
+    resolution: int = Field(64, ge=16, le=224)
+    seed: int = 0
+    split: SplitConfig = SplitConfig()
+    # Mechanism strengths (see cxrcf/synth.py); defaults keep age -> finding moderate.
+    finding_age_slope: float = 1.2
+    finding_bias: float = -0.9
+    p_female: float = Field(0.5, gt=0, lt=1)
+    race_probs: tuple[float, float, float] = (0.6, 0.15, 0.25)
+
+    @field_validator("race_probs")
+    @classmethod
+    def _probs(cls, v):
+        if any(p <= 0 for p in v) or abs(sum(v) - 1) > 1e-6:
+            raise ValueError("race_probs must be 3 positive numbers summing to 1")
+        return v
+
+
+class DataConfig(Strict):
+    root: str = "data"
+    synth: SynthConfig = SynthConfig()
+
+
+# ---------------------------------------------------------------------------------------- compute
+class RayConfig(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    storage_path: str = "artifacts/ray"  # made absolute at run time (Ray Train requires it)
+    max_failures: int = Field(1, ge=0)
+
+
+class MlflowConfig(Strict):
+    experiment: str = "cxrcf"
+
+
+# ----------------------------------------------------------------------------------------- models
+class HVAEArch(Strict):
+    """Conditional HVAE architecture from reference-style string specs, e.g. enc '32b1d2,16b3d2,...'."""
+
+    resolution: int = Field(32, ge=8)
+    enc_arch: str
+    dec_arch: str
+    widths: tuple[int, ...]
+    z_dim: int = Field(16, ge=1)
+    bottleneck: int = Field(4, ge=1)
+    z_max_res: int = Field(32, ge=1)  # stochastic blocks only at resolutions <= this
+    context_dim: int = 6
+    input_channels: int = 1
+
+
+class OptimConfig(Strict):
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.9)
+    warmup_steps: int = Field(100, ge=0)
+    ema_rate: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float = Field(100.0, gt=0)
+    grad_skip: float = Field(1000.0, gt=0)  # skip updates whose gradient norm exceeds this
+    val_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    seed: int = 0
+    mixed_precision: bool = True  # used on GPU only
+
+
+class PredictorArch(Strict):
+    kind: Literal["cnn", "resnet18"] = "cnn"
+    resolution: int = Field(32, ge=8)
+    width: int = Field(32, ge=4)
+    dropout: float = Field(0.2, ge=0, lt=1)
+
+
+class PredictorConfig(Strict):
+    arch: PredictorArch
+    optim: OptimConfig
+
+
+class PredictorsConfig(Strict):
+    guidance: PredictorConfig
+    evaluation: PredictorConfig
+
+
+class SCMConfig(Strict):
+    steps: int = Field(2000, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    flow_bins: int = Field(8, ge=2)
+    finding_hidden: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class GeneratorConfig(Strict):
+    arch: HVAEArch
+    beta: float = Field(9.0, gt=0)
+    optim: OptimConfig
+
+
+class CFTConfig(Strict):
+    optim: OptimConfig
+    damping: float = Field(10.0, ge=0)
+    lambda_lr: float = Field(0.1, gt=0)
+    lambda_init: float = Field(0.0, ge=0)
+    slack: float = Field(0.0, ge=0)  # nats/pixel above the pretrained ELBO level eps
+    t_u: float = Field(1.0, gt=0, le=1)
+    modes: tuple[Literal["hard", "soft"], ...] = ("hard", "soft")
+
+
+class EvaluateConfig(Strict):
+    t_u: float = Field(1.0, gt=0, le=1)
+    extra_t_u: tuple[float, ...] = (0.1,)  # reported beside t_u (SCIENCE.md section 8)
+    max_images: int = Field(2000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    seed: int = 0
+
+
+class StudyConfig(Strict):
+    slacks: tuple[float, ...] = (0.0, 0.02, 0.05)
+    seeds: tuple[int, ...] = (0, 1)
+
+
+class GatesConfig(Strict):
+    """Promotion gates: effectiveness floors (AUC for binaries, macro AUC for race, MAE ceiling for age)."""
+
+    min_auc: dict[str, float] = {"sex": 0.7, "race": 0.6, "finding": 0.7}
+    max_age_mae: float = Field(25.0, gt=0)
+    max_amplification: float = Field(1.0, description="ceiling on the worst AMP(j|do k), log-odds")
+    regression_tolerance: float = Field(0.02, ge=0)
+
+    @field_validator("min_auc")
+    @classmethod
+    def _known(cls, v):
+        bad = set(v) - {"sex", "race", "finding"}
+        if bad:
+            raise ValueError(f"unknown attribute(s) {sorted(bad)}")
+        return v
+
+
+class RegistryConfig(Strict):
+    generator_name: str = "cxrcf-generator"
+    guidance_predictor_name: str = "cxrcf-guidance-predictor"
+    evaluation_predictor_name: str = "cxrcf-evaluation-predictor"
+    promote_mode: Literal["hard", "soft"] = "soft"
+    gates: GatesConfig = GatesConfig()
+
+
+class ServeConfig(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    model_alias: str = "champion"
+    num_replicas: int | Literal["auto"] = 1
+    max_replicas: int = Field(2, ge=1)
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_interventions: int = Field(8, ge=1)
+    max_body_bytes: int = Field(8_000_000, ge=1024)
+    reload_poll_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _batches_can_fill(self):
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError("max_ongoing_requests must be >= max_batch_size or batches never fill")
+        return self
+
+
+class AugmentConfig(Strict):
+    batch_size: int = Field(64, ge=1)
+    num_actors: int = Field(1, ge=1)
+    num_cpus_per_actor: float = Field(0.5, gt=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    t_u: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+
+
+class Params(Strict):
+    preset: Literal["smoke", "cpu", "paper"] = "cpu"
+    data: DataConfig = DataConfig()
+    ray: RayConfig = RayConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    predictors: PredictorsConfig
+    scm: SCMConfig = SCMConfig()
+    generator: GeneratorConfig
+    cft: CFTConfig
+    evaluate: EvaluateConfig = EvaluateConfig()
+    study: StudyConfig = StudyConfig()
+    registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
+    augment: AugmentConfig = AugmentConfig()
+
+
+# -------------------------------------------------------------------------------------- presets
+def _optim(**kw) -> dict[str, Any]:
+    return kw
+
+
+# The reference 64x64 configuration of issue 3's speed target (also the HVAE benchmark's baseline).
+REFERENCE64_ARCH = dict(
+    resolution=64,
+    enc_arch="64b1d2,32b3d2,16b3d2,8b3d8,1b2",
+    dec_arch="1b2,8b3,16b4,32b3,64b2",
+    widths=(32, 64, 96, 128, 160),
+    z_dim=16,
+    bottleneck=4,
+    z_max_res=32,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "data": {"synth": {"n_images": 400, "resolution": 32}},
+        "predictors": {
+            "guidance": {"arch": {"kind": "cnn", "resolution": 32, "width": 8},
+                         "optim": _optim(steps=30, batch_size=32, lr=1e-3, warmup_steps=0, val_every=15,
+                                         checkpoint_every=15, seed=1)},
+            "evaluation": {"arch": {"kind": "cnn", "resolution": 32, "width": 12},
+                           "optim": _optim(steps=30, batch_size=32, lr=1e-3, warmup_steps=0, val_every=15,
+                                           checkpoint_every=15, seed=2)},
+        },
+        "scm": {"steps": 100},
+        "generator": {
+            "arch": dict(resolution=32, enc_arch="32b1d2,16b1d2,8b1d8,1b1", dec_arch="1b1,8b1,16b1,32b1",
+                         widths=(8, 16, 16, 32), z_dim=4, bottleneck=2, z_max_res=16),
+            "beta": 4.0,
+            "optim": _optim(steps=30, batch_size=32, lr=1e-3, warmup_steps=5, val_every=15,
+                            checkpoint_every=15),
+        },
+        "cft": {"optim": _optim(steps=10, batch_size=16, lr=1e-4, warmup_steps=0, val_every=5,
+                                checkpoint_every=5)},
+        "evaluate": {"max_images": 64, "batch_size": 64},
+        "study": {"slacks": (0.0, 0.05), "seeds": (0,)},
+        "augment": {"batch_size": 16},
+        "serve": {"max_batch_size": 8, "max_ongoing_requests": 16},
+    },
+    "cpu": {
+        "data": {"synth": {"n_images": 20000, "resolution": 64}},
+        "predictors": {
+            "guidance": {"arch": {"kind": "cnn", "resolution": 32, "width": 32},
+                         "optim": _optim(steps=1500, batch_size=64, lr=1e-3, val_every=250,
+                                         checkpoint_every=500, seed=1)},
+            "evaluation": {"arch": {"kind": "resnet18", "resolution": 32, "width": 16},
+                           "optim": _optim(steps=1500, batch_size=64, lr=1e-3, val_every=250,
+                                           checkpoint_every=500, seed=2)},
+        },
+        "scm": {"steps": 2000},
+        "generator": {
+            "arch": dict(resolution=32, enc_arch="32b1d2,16b2d2,8b2d8,1b1", dec_arch="1b1,8b2,16b2,32b1",
+                         widths=(32, 64, 64, 128), z_dim=8, bottleneck=4, z_max_res=16),
+            "beta": 4.0,
+            "optim": _optim(steps=3000, batch_size=64, lr=1e-3, val_every=500, checkpoint_every=500),
+        },
+        "cft": {"optim": _optim(steps=1500, batch_size=32, lr=3e-4, warmup_steps=0, val_every=500,
+                                checkpoint_every=500), "slack": 0.02},
+    },
+    "paper": {
+        "data": {"synth": {"n_images": 20000, "resolution": 192}},
+        "predictors": {
+            "guidance": {"arch": {"kind": "resnet18", "resolution": 192, "width": 64},
+                         "optim": _optim(steps=20000, batch_size=32, lr=1e-3, seed=1)},
+            "evaluation": {"arch": {"kind": "resnet18", "resolution": 192, "width": 64, "dropout": 0.2},
+                           "optim": _optim(steps=20000, batch_size=32, lr=1e-3, weight_decay=0.1, seed=2)},
+        },
+        "generator": {
+            "arch": dict(resolution=192, enc_arch="192b1d2,96b3d2,48b7d2,24b11d2,12b7d2,6b3d6,1b2",
+                         dec_arch="1b2,6b4,12b8,24b12,48b8,96b4,192b2",
+                         widths=(32, 64, 96, 128, 160, 192, 512), z_dim=16, bottleneck=4, z_max_res=96),
+            "beta": 9.0,
+            "optim": _optim(steps=200000, batch_size=24, lr=1e-3),
+        },
+        "cft": {"optim": _optim(steps=5000, batch_size=10, lr=1e-4, warmup_steps=0)},
+        "ray": {"use_gpu": True},
+    },
+}
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: `source: key.path = value: reason`."""
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" = {value!r}"
+        reason = e["msg"]
+        if e["type"] == "extra_forbidden":
+            reason = "unknown key"
+        lines.append(f"{source}: {key}{shown}: {reason}")
+    return "\n".join(lines)
+
+
+def resolve_params(raw: dict | None, source: str = "params") -> Params:
+    """Preset defaults deep-merged with `raw`, validated."""
+    raw = dict(raw or {})
+    preset = raw.get("preset", "cpu")
+    if preset not in PRESETS:
+        raise CxrcfError(f"{source}: preset = {preset!r}: unknown preset; expected one of {', '.join(PRESETS)}")
+    merged = deep_merge(PRESETS[preset], raw)
+    merged["preset"] = preset
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as err:
+        raise CxrcfError(format_validation_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    import yaml
+
+    path = Path(path)
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise CxrcfError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise CxrcfError(f"{path}: expected a mapping of sections at the top level")
+    else:
+        raw = {}
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return resolve_params(raw, str(path))
+
+
+def preset_params(preset: str = "smoke", **overrides) -> Params:
+    """Convenience for tests and benchmarks."""
+    return resolve_params({"preset": preset, **overrides}, f"preset {preset}")

@@ -1,0 +1,1 @@
+"""pipelines package of cxrcf (see docs/CONTRACTS.md)."""

@@ -1,0 +1,1 @@
+"""serving package of cxrcf (see docs/CONTRACTS.md)."""

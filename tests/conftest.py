@@ -1,0 +1,68 @@
+"""Session-wide fixtures shared by every test module.
+
+- `ray_cluster`: ONE local Ray cluster for the whole session (started on first use).
+- `mlflow_uri`: a temporary SQLite MLflow tracking store + artifact folder, set as the process default.
+- `tiny_data`: a small SynthCXR dataset (smoke size, 32x32) generated once per session.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+for _k, _v in {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+    "RAY_DEDUP_LOGS": "0",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory):
+    """A SQLite tracking store for the session; tests isolate themselves by experiment/model names."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    old = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "CXRCF_MLFLOW_ARTIFACTS")}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["CXRCF_MLFLOW_ARTIFACTS"] = str(root / "artifacts")
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """400 SynthCXR images at 32x32 (smoke preset) under a temporary `data/`."""
+    from cxrcf.config import preset_params
+    from cxrcf.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    generate_dataset(root, preset_params("smoke").data.synth)
+    return root

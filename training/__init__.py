@@ -1,0 +1,1 @@
+"""training package of cxrcf (see docs/CONTRACTS.md)."""
