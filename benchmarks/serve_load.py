@@ -1,0 +1,203 @@
+"""Load benchmark of the counterfactual API: throughput and latency with dynamic batching on and off.
+
+    python benchmarks/serve_load.py [--preset cpu] [--concurrency 1 8 32 64] [--out artifacts/bench/serve_load.json]
+
+Self-contained and localhost only: registers an untrained generator bundle of the preset's
+architecture (timing does not depend on the weights) in a temporary MLflow store, serves it with
+`serving.app` on a local Ray cluster, and drives POST /v1/counterfactuals from `concurrency`
+closed-loop clients for a bounded number of requests per level. "Batching off" is the same
+deployment reconfigured to max_batch_size 1. Writes JSON with throughput, p50/p95/p99 latency and
+the mean batch size the server formed (from each reply's model.batch_size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
+               "DVC_NO_ANALYTICS": "1", "RAY_DEDUP_LOGS": "0"}.items():
+    os.environ.setdefault(_k, _v)
+
+INTERVENTIONS = [{"sex": "female"}, {"age": 75.0}, {"finding": "pleural_effusion"}, {"race": "black"}]
+PARENTS = {"sex": "male", "race": "white", "age": 52.0, "finding": "no_finding"}
+PASSING_EVAL = {"effectiveness": {"sex": {"auc": 0.9}, "race": {"auc": 0.9}, "finding": {"auc": 0.9},
+                                  "age": {"mae": 5.0}}, "amplification": {"worst": 0.0}}
+
+
+def _args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "paper"), help="architecture to serve")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--requests", type=int, default=0,
+                   help="requests per level (default max(48, 6 x concurrency), at most 400)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="the batching-on setting")
+    p.add_argument("--batch-wait-timeout-s", type=float, default=None, help="default params.serve's")
+    p.add_argument("--image-size", type=int, default=64, help="side of the PNG each request sends")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (bf16 autocast)")
+    p.add_argument("--out", default="artifacts/bench/serve_load.json")
+    return p.parse_args(argv)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _register(params, root: Path) -> str:
+    """An untrained bundle of the preset's architecture, registered and promoted; returns its name."""
+    import torch
+
+    from cxrcf.export import save_model
+    from cxrcf.hvae import HVAE
+    from cxrcf.predictor import Predictor
+    from cxrcf.scm import AttributeSCM
+    from pipelines import registry
+
+    torch.manual_seed(0)
+    parts = {"generator": HVAE(params.generator.arch), "scm": AttributeSCM(params.scm),
+             "predictor": Predictor(params.predictors.evaluation.arch)}
+    for part, model in parts.items():
+        save_model(model, root / part)
+    (root / "eval.json").write_text(json.dumps(PASSING_EVAL))
+    name = "bench-generator"
+    out = registry.register(params, root / "generator", root / "scm", root / "predictor", root / "predictor",
+                            "soft", root / "eval.json", name=name)
+    registry.promote(params, name, out["version"])
+    return name
+
+
+def _body(size: int, i: int) -> dict:
+    from PIL import Image
+
+    pixels = np.random.default_rng(i).integers(0, 256, (size, size), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return {"image": base64.b64encode(buf.getvalue()).decode(), "parents": PARENTS,
+            "interventions": [INTERVENTIONS[i % len(INTERVENTIONS)]], "t_u": 1.0, "seed": 0}
+
+
+async def _level(url: str, bodies: list[dict], concurrency: int, total: int) -> dict:
+    import httpx
+
+    latencies, sizes, errors = [], [], []
+    counter = iter(range(total))
+
+    async def worker(http):
+        for i in counter:
+            start = time.perf_counter()
+            r = await http.post("/v1/counterfactuals", json=bodies[i % len(bodies)])
+            latencies.append(time.perf_counter() - start)
+            if r.status_code == 200:
+                sizes.append(r.json()["model"]["batch_size"])
+            else:
+                errors.append(f"{r.status_code}: {r.text[:200]}")
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    lat = np.array(latencies) * 1000
+    return {"concurrency": concurrency, "requests": total, "errors": len(errors), "first_errors": errors[:3],
+            "wall_s": round(wall, 3), "throughput_rps": round(total / wall, 2),
+            "latency_ms": {q: round(float(np.percentile(lat, p)), 1) for q, p in
+                           (("p50", 50), ("p95", 95), ("p99", 99))} | {"mean": round(float(lat.mean()), 1)},
+            "mean_batch_size": round(float(np.mean(sizes)), 2) if sizes else 0.0}
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    from cxrcf.config import ServeConfig, preset_params
+    from cxrcf.fileio import write_json
+
+    params = preset_params(args.preset)
+    tmp = Path(tempfile.mkdtemp(prefix="cxrcf-serve-bench-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+    os.environ["CXRCF_MLFLOW_ARTIFACTS"] = str(tmp / "artifacts")
+    print(f"serve_load: registering an untrained {args.preset}-preset bundle in {tmp}", flush=True)
+    name = _register(params, tmp / "model")
+
+    import ray
+    from ray import serve
+
+    from serving.app import APP_NAME, build_app, wait_ready
+
+    base = params.serve.model_dump()
+    base.update(num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_batch_size=args.max_batch_size,
+                max_ongoing_requests=max(base["max_ongoing_requests"], 2 * args.max_batch_size, max(args.concurrency)),
+                reload_poll_s=3600.0)
+    if args.batch_wait_timeout_s is not None:
+        base["batch_wait_timeout_s"] = args.batch_wait_timeout_s
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    bodies = [_body(args.image_size, i) for i in range(16)]
+    results = []
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for batching in (True, False):
+            cfg = ServeConfig.model_validate({**base, **({} if batching else {"max_batch_size": 1})})
+            serve.run(build_app(cfg, name, alias="champion"), name=APP_NAME, route_prefix="/", blocking=False)
+            health = wait_ready(url)
+            info = json.loads(__import__("httpx").get(url + "/v1/model").text)
+            print(f"serve_load: batching {'on' if batching else 'off'} (max_batch_size {cfg.max_batch_size}, "
+                  f"wait {cfg.batch_wait_timeout_s}s) model {health['model']} v{health['version']} on {info['device']}",
+                  flush=True)
+            asyncio.run(_level(url, bodies, 4, 16))  # warm-up: first passes allocate and compile kernels
+            for c in args.concurrency:
+                total = args.requests or min(400, max(48, 6 * c))
+                row = asyncio.run(_level(url, bodies, c, total))
+                row |= {"batching": batching, "max_batch_size": cfg.max_batch_size,
+                        "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
+                results.append(row)
+                print(f"  concurrency {c:>3}: {row['throughput_rps']:>7.1f} req/s  p50 {row['latency_ms']['p50']:>7.1f} "
+                      f"ms  p95 {row['latency_ms']['p95']:>7.1f}  p99 {row['latency_ms']['p99']:>7.1f}  "
+                      f"mean batch {row['mean_batch_size']:.2f}  errors {row['errors']}", flush=True)
+        device = info["device"]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    def pick(batching: bool, c: int):
+        return next((r for r in results if r["batching"] == batching and r["concurrency"] == c), None)
+
+    summary = {}
+    for c in args.concurrency:
+        on, off = pick(True, c), pick(False, c)
+        summary[str(c)] = {"throughput_speedup": round(on["throughput_rps"] / off["throughput_rps"], 2),
+                           "p99_ratio": round(on["latency_ms"]["p99"] / off["latency_ms"]["p99"], 2)}
+    target = summary.get("32")
+    out = {
+        "benchmark": "serve_load",
+        "preset": args.preset,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
+                    "device": device, "num_cpus_per_replica": args.num_cpus, "num_gpus_per_replica": args.num_gpus},
+        "request": {"image_size": args.image_size, "interventions_per_request": 1},
+        "results": results,
+        "summary": summary,
+        "target": {"concurrency": 32, "min_throughput_speedup": 3.0, "max_p99_ratio": 1.0,
+                   "met": bool(target and target["throughput_speedup"] >= 3.0 and target["p99_ratio"] <= 1.0)},
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    write_json(args.out, out)
+    print(f"serve_load: wrote {args.out}; summary {json.dumps(summary)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""HVAE training and counterfactual throughput on CPU (issue 3's speed target).
+
+For the `cpu` preset's generator and for the reference 64x64 configuration (config.REFERENCE64_ARCH)
+at batch 32: parameters, FLOPs per image (forward + backward, counted by FlopCounterMode), training
+steps/s and images/s (AdamW as in pretraining, gradient clipping, warm-up steps excluded),
+counterfactual images/s (abduct + decode, no grad) and the fraction of a measured fp32 matmul peak.
+
+Usage: python benchmarks/train_step.py [--out artifacts/bench/train_step.json] [--threads 2]
+       [--steps 8] [--repeats 3] [--batch 32] [--configs cpu,reference]
+
+Timings on a shared machine are noisy: each figure is reported as the best and the median of
+`--repeats` timed windows, with the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The published reference implementation at REFERENCE64_ARCH on this machine (issue 3).
+REFERENCE_TRAIN_IMG_S = 23.0
+REFERENCE_CF_IMG_S = 46.0
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(reps))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _inputs(arch, batch: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (batch, arch.input_channels, arch.resolution, arch.resolution), generator=g)
+    x = x.float() / 127.5 - 1
+    race = torch.nn.functional.one_hot(torch.randint(0, 3, (batch,), generator=g), 3).float()
+    ctx = torch.cat([torch.rand(batch, 1, generator=g) * 2 - 1, race,
+                     torch.randint(0, 2, (batch, 2), generator=g).float()], dim=1)
+    return x, ctx
+
+
+def flops_per_image(model, x, ctx, beta: float) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model(x, ctx, beta)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / x.shape[0]
+
+
+def bench_config(name: str, arch, batch: int, steps: int, warmup: int, repeats: int, beta: float) -> dict:
+    import torch
+
+    from cxrcf.counterfactual import counterfactual
+    from cxrcf.hvae import HVAE, count_parameters
+
+    torch.manual_seed(0)
+    model = HVAE(arch)
+    x, ctx = _inputs(arch, batch)
+    ctx_star = ctx.clone()
+    ctx_star[:, 4] = 1 - ctx_star[:, 4]
+    flops = flops_per_image(model, x, ctx, beta)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.9), weight_decay=0.05, fused=True)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        model(x, ctx, beta)["loss"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
+        if torch.isfinite(norm) and norm < 1000:
+            opt.step()
+
+    print(f"[{name}] {count_parameters(model):,} parameters, {flops / 1e9:.3f} GFLOP/image fwd+bwd; warming up",
+          flush=True)
+    for _ in range(warmup):
+        train_step()
+    train_windows = []
+    for r in range(repeats):
+        dt = _timed(lambda: [train_step() for _ in range(steps)])
+        train_windows.append(steps / dt)
+        print(f"[{name}] train window {r + 1}/{repeats}: {steps / dt:.2f} steps/s = {batch * steps / dt:.1f} img/s",
+              flush=True)
+
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    cf_windows = []
+    with torch.no_grad():
+        counterfactual(model, x, ctx, ctx_star, generator=gen)
+        for r in range(repeats):
+            dt = _timed(lambda: [counterfactual(model, x, ctx, ctx_star, generator=gen) for _ in range(steps)])
+            cf_windows.append(batch * steps / dt)
+            print(f"[{name}] counterfactual window {r + 1}/{repeats}: {batch * steps / dt:.1f} img/s", flush=True)
+    best_steps, med_steps = max(train_windows), statistics.median(train_windows)
+    return dict(
+        arch=arch.model_dump(), batch=batch, parameters=count_parameters(model), gflop_per_image=flops / 1e9,
+        train_steps_per_s=dict(best=best_steps, median=med_steps, windows=train_windows),
+        train_images_per_s=dict(best=best_steps * batch, median=med_steps * batch),
+        counterfactual_images_per_s=dict(best=max(cf_windows), median=statistics.median(cf_windows),
+                                         windows=cf_windows),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="artifacts/bench/train_step.json")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=8, help="steps per timed window")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--beta", type=float, default=9.0)
+    p.add_argument("--configs", default="cpu,reference")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from cxrcf.config import REFERENCE64_ARCH, HVAEArch, preset_params
+    from cxrcf.fileio import write_json
+
+    torch.set_num_threads(args.threads)
+    archs = {"cpu": preset_params("cpu").generator.arch, "reference": HVAEArch(**REFERENCE64_ARCH)}
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in archs]
+    if unknown:
+        print(f"--configs: unknown {unknown}; expected some of {list(archs)}", file=sys.stderr)
+        return 2
+    load_before = os.getloadavg()
+    peak = matmul_peak_gflops()
+    print(f"fp32 matmul peak with {args.threads} threads: {peak:.1f} GFLOP/s (load {load_before[0]:.2f})", flush=True)
+    results = {}
+    for name in names:
+        r = bench_config(name, archs[name], args.batch, args.steps, args.warmup, args.repeats, args.beta)
+        for k in ("best", "median"):
+            r.setdefault("fraction_of_peak", {})[k] = r["gflop_per_image"] * r["train_images_per_s"][k] / peak
+        if name == "reference":
+            r["speedup_vs_published"] = dict(
+                train=r["train_images_per_s"]["best"] / REFERENCE_TRAIN_IMG_S,
+                counterfactual=r["counterfactual_images_per_s"]["best"] / REFERENCE_CF_IMG_S,
+                published_train_images_per_s=REFERENCE_TRAIN_IMG_S,
+                published_counterfactual_images_per_s=REFERENCE_CF_IMG_S)
+        results[name] = r
+    report = dict(threads=args.threads, torch=torch.__version__, matmul_peak_gflops=peak,
+                  loadavg_before=load_before, loadavg_after=os.getloadavg(), configs=results)
+    print(f"\n{'config':<10} {'params':>10} {'GFLOP/img':>9} {'train img/s':>17} {'cf img/s':>17} {'% peak':>7}")
+    for name, r in results.items():
+        tr, cf = r["train_images_per_s"], r["counterfactual_images_per_s"]
+        print(f"{name:<10} {r['parameters']:>10,} {r['gflop_per_image']:>9.3f} "
+              f"{tr['best']:>7.1f} (med {tr['median']:>5.1f}) {cf['best']:>7.1f} (med {cf['median']:>5.1f}) "
+              f"{100 * r['fraction_of_peak']['best']:>6.1f}%")
+    if "reference" in results:
+        s = results["reference"]["speedup_vs_published"]
+        print(f"reference config vs the published implementation (23 / 46 img/s): "
+              f"train x{s['train']:.2f}, counterfactual x{s['counterfactual']:.2f} (target x1.5)")
+    print(f"load average before {load_before[0]:.2f}, after {report['loadavg_after'][0]:.2f}")
+    write_json(args.out, report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

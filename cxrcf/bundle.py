@@ -1,0 +1,190 @@
+"""GeneratorBundle: HVAE + attribute SCM + evaluation predictor, the unit that is registered,
+served and used for augmentation.
+
+On disk (`save`/`load`): `hvae/`, `scm/`, `predictor/` in the export format of cxrcf.export and
+`bundle.json` with the metadata (name, mode none/hard/soft, preset, metrics, lineage).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cxrcf.attributes import AGE_MAX, AGE_MIN, ATTRIBUTES, context, encode, encode_parents
+from cxrcf.errors import CxrcfError
+from cxrcf.fileio import atomic_path
+
+BUNDLE_FILE = "bundle.json"
+BUNDLE_FORMAT_VERSION = 1
+_PARTS = ("hvae", "scm", "predictor")
+
+
+def parents_from_labels(rows: Sequence[Mapping[str, object]], device="cpu") -> dict[str, torch.Tensor]:
+    """Rows of labels (strings of VOCAB or codes; age in years) -> parents tensors (N,)."""
+    coded = []
+    for i, row in enumerate(rows):
+        try:
+            coded.append(encode_parents(row))
+        except CxrcfError as err:
+            raise CxrcfError(f"parents[{i}]: {err}") from None
+    return {
+        "sex": torch.tensor([r["sex"] for r in coded], dtype=torch.float32, device=device),
+        "race": torch.tensor([r["race"] for r in coded], dtype=torch.long, device=device),
+        "age": torch.tensor([r["age"] for r in coded], dtype=torch.float32, device=device),
+        "finding": torch.tensor([r["finding"] for r in coded], dtype=torch.float32, device=device),
+    }
+
+
+def encode_intervention(intervention: Mapping[str, object]) -> dict[str, float | int]:
+    """Validate one intervention {attribute: label, code or age in years} -> {attribute: code}."""
+    if not isinstance(intervention, Mapping):
+        raise CxrcfError(f"intervention: expected a mapping of attribute to value, got {type(intervention).__name__}")
+    return {attr: encode(attr, value) for attr, value in intervention.items()}
+
+
+class GeneratorBundle:
+    def __init__(self, hvae, scm, predictor, meta: dict | None = None):
+        self.hvae = hvae
+        self.scm = scm
+        self.predictor = predictor
+        self.meta = dict(meta or {})
+        self.eval()
+
+    # ----------------------------------------------------------------------------- housekeeping
+    @property
+    def resolution(self) -> int:
+        return self.hvae.arch.resolution
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hvae.parameters()).device
+
+    def to(self, device) -> GeneratorBundle:
+        for part in _PARTS:
+            getattr(self, part).to(device)
+        return self
+
+    def eval(self) -> GeneratorBundle:
+        for part in _PARTS:
+            getattr(self, part).eval()
+        return self
+
+    def save(self, directory: str | Path) -> Path:
+        from cxrcf.export import save_model
+
+        directory = Path(directory)
+        meta_text = json.dumps({"format_version": BUNDLE_FORMAT_VERSION, "meta": self.meta},
+                               indent=2, sort_keys=True)
+        with atomic_path(directory) as tmp:
+            tmp.mkdir()
+            for part in _PARTS:
+                save_model(getattr(self, part), tmp / part)
+            (tmp / BUNDLE_FILE).write_text(meta_text + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device="cpu") -> GeneratorBundle:
+        from cxrcf.export import load_model, read_config
+
+        directory = Path(directory)
+        path = directory / BUNDLE_FILE
+        if not path.is_file():
+            raise CxrcfError(f"{directory}: missing {BUNDLE_FILE}; not a saved GeneratorBundle")
+        try:
+            info = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CxrcfError(f"{path}: not valid JSON: {err}") from None
+        if not isinstance(info, dict) or info.get("format_version") != BUNDLE_FORMAT_VERSION:
+            raise CxrcfError(f"{path}: expected format_version {BUNDLE_FORMAT_VERSION}")
+        parts = {}
+        for part in _PARTS:
+            kind = read_config(directory / part)["kind"]
+            if kind != part:
+                raise CxrcfError(f"{directory / part}: holds a {kind} model, expected {part}")
+            parts[part] = load_model(directory / part, device=device)
+        return cls(parts["hvae"], parts["scm"], parts["predictor"], info.get("meta") or {})
+
+    # ------------------------------------------------------------------------------- inference
+    def _check_images(self, x) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 1 \
+                or x.shape[2] != self.resolution or x.shape[3] != self.resolution:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise CxrcfError(f"x: expected a float tensor (N, 1, {self.resolution}, {self.resolution}), got {shape}")
+        return x.to(self.device, torch.float32)
+
+    def _for_predictor(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.predictor.arch.resolution
+        if x.shape[-1] == r:
+            return x
+        # The HVAE and predictor may be trained at different sizes; area for shrinking, bilinear to enlarge.
+        mode = "area" if r < x.shape[-1] else "bilinear"
+        return F.interpolate(x, size=(r, r), mode=mode, **({} if mode == "area" else {"align_corners": False}))
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The evaluation predictor's probabilities (sex, race (N,3), finding) and age in years."""
+        return self.predictor.predict(self._for_predictor(self._check_images(x)))
+
+    @torch.no_grad()
+    def infer_parents(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Most likely parents: thresholded sex/finding at 0.5, argmax race, mean age (clipped to 0-120)."""
+        p = self.probabilities(x)
+        return {
+            "sex": (p["sex"] > 0.5).float(),
+            "race": p["race"].argmax(-1),
+            "age": p["age"].clamp(AGE_MIN, AGE_MAX),
+            "finding": (p["finding"] > 0.5).float(),
+        }
+
+    @torch.no_grad()
+    def counterfactuals(self, x: torch.Tensor, parents: Mapping[str, torch.Tensor] | None,
+                        interventions: Sequence[Mapping[str, object]], t_u: float = 1.0, seed: int = 0,
+                        particles: int = 1, return_parents: bool = False, batch_size: int | None = None):
+        """One counterfactual batch (N, 1, R, R) per intervention.
+
+        Each intervention maps attributes to values (label, code, or age in years); the SCM turns it
+        into counterfactual parents (an age intervention updates finding), then all interventions go
+        through the HVAE together, `batch_size` images per pass (default: all at once). Deterministic
+        for a given seed. `parents=None` uses `infer_parents(x)`. With `return_parents`, returns
+        (images, list of counterfactual parents dicts).
+        """
+        from cxrcf.counterfactual import counterfactual
+
+        x = self._check_images(x)
+        n = x.shape[0]
+        if not 0 < t_u <= 1:
+            raise CxrcfError(f"t_u: {t_u} must be in (0, 1]")
+        if particles < 1:
+            raise CxrcfError(f"particles: {particles} must be >= 1")
+        coded = [encode_intervention(i) for i in interventions]
+        if parents is None:
+            parents = self.infer_parents(x)
+        missing = [a for a in ATTRIBUTES if a not in parents]
+        if missing:
+            raise CxrcfError(f"parents: missing {', '.join(missing)}")
+        parents = {a: torch.as_tensor(parents[a], device=self.device) for a in ATTRIBUTES}
+        if any(v.shape != (n,) for v in parents.values()):
+            raise CxrcfError(f"parents: every attribute must have shape ({n},) to match x")
+        if not coded:
+            return ([], []) if return_parents else []
+
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        cf_parents = [self.scm.counterfactual(parents, {a: torch.tensor(v) for a, v in do.items()}, generator)
+                      for do in coded]
+        ctx = context(parents).to(self.device)
+        ctx_star = torch.cat([context(p) for p in cf_parents]).to(self.device)
+        k = len(coded)
+        x_all = x.repeat(k, 1, 1, 1)
+        ctx_all = ctx.repeat(k, 1)
+        step = batch_size or x_all.shape[0]
+        out = torch.cat([
+            counterfactual(self.hvae, x_all[i:i + step], ctx_all[i:i + step], ctx_star[i:i + step],
+                           t_u=t_u, particles=particles, generator=generator)
+            for i in range(0, x_all.shape[0], step)
+        ])
+        images = list(out.split(n))
+        return (images, cf_parents) if return_parents else images

@@ -1,0 +1,37 @@
+"""Counterfactual images by abduction, action and prediction (SCIENCE.md section 3).
+
+z ~ q(z | x, pa); (mu, s) = decoder(z, pa); (mu*, s*) = decoder(z, pa*); u = (x - mu) / s;
+x* = clamp(mu* + t_u * s* * u, -1, 1). The abduction pass already runs the decoder on (z, pa), so
+(mu, s) come with it and only the pass on pa* is extra. Differentiable when grad is enabled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cxrcf.errors import CxrcfError
+
+
+def counterfactual(hvae, x: torch.Tensor, ctx: torch.Tensor, ctx_star: torch.Tensor, t_u: float = 1.0,
+                   particles: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x* for each image of `x` (N,C,R,R) from factual context `ctx` (N,D) to `ctx_star` (N,D).
+
+    With several particles the latents are abducted that many times and the x* averaged.
+    """
+    if particles < 1:
+        raise CxrcfError(f"particles: must be at least 1, got {particles}")
+    if t_u < 0:
+        raise CxrcfError(f"t_u: must be non-negative, got {t_u}")
+    if ctx_star.shape != ctx.shape:
+        raise CxrcfError(f"ctx_star: shape {tuple(ctx_star.shape)} differs from ctx {tuple(ctx.shape)}")
+    n = x.shape[0]
+    if particles > 1:
+        # all particles in one batch: one large pass is cheaper than several small ones
+        x, ctx, ctx_star = x.repeat(particles, 1, 1, 1), ctx.repeat(particles, 1), ctx_star.repeat(particles, 1)
+    latents, (loc, logscale) = hvae.abduct_with_pixels(x, ctx, generator=generator)
+    loc_star, logscale_star = hvae.decode(latents, ctx_star)
+    u = (x - loc) * torch.exp(-logscale)
+    x_star = (loc_star + t_u * torch.exp(logscale_star) * u).clamp(-1.0, 1.0)
+    if particles > 1:
+        x_star = x_star.unflatten(0, (particles, n)).mean(0)
+    return x_star.contiguous()

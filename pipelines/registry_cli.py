@@ -1,0 +1,144 @@
+"""`cxrcf registry`: register, promote, rollback, list and show generator versions.
+
+    cxrcf registry register --params P --generator DIR --scm DIR --predictor DIR --guidance DIR
+                            --mode none|hard|soft --eval FILE [--figures DIR] [--out FILE]
+    cxrcf registry promote  --params P [--name N] [--version V] [--out FILE] [--no-fail]
+    cxrcf registry rollback [--params P] [--name N]
+    cxrcf registry list     [--params P] [--name N]
+    cxrcf registry show     NAME@ALIAS | NAME/VERSION | ALIAS | VERSION  [--params P]
+
+The store is `MLFLOW_TRACKING_URI` (an MLflow server) or the local SQLite default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from cxrcf.errors import CxrcfError
+
+# MLflow retries a dead server for minutes by default; a CLI should say so within seconds.
+# Artifact progress bars only clutter pipeline logs.
+QUIET_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cxrcf registry", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("register", help="package and register a generator; alias it 'candidate'")
+    r.add_argument("--params", default="params.yaml")
+    r.add_argument("--generator", required=True, help="HVAE export directory (pretrained or CFT)")
+    r.add_argument("--scm", required=True, help="attribute SCM export directory")
+    r.add_argument("--predictor", required=True, help="evaluation predictor export directory")
+    r.add_argument("--guidance", required=True, help="guidance predictor export directory")
+    r.add_argument("--mode", required=True, choices=["none", "hard", "soft"])
+    r.add_argument("--eval", required=True, help="evaluation JSON of this generator (cxrcf evaluate)")
+    r.add_argument("--figures", help="folder of PNG figures for the model card")
+    r.add_argument("--name", help="registered model name (default params.registry.generator_name)")
+    r.add_argument("--out", help="write {name, version, run_id, model_uri} here")
+
+    pr = sub.add_parser("promote", help="move 'champion' to the candidate if the gates pass")
+    pr.add_argument("--params", default="params.yaml")
+    pr.add_argument("--name")
+    pr.add_argument("--version", help="version to promote (default: the 'candidate' alias)")
+    pr.add_argument("--out", help="write the decision JSON here")
+    pr.add_argument("--no-fail", action="store_true", help="exit 0 when refused (the decision is still recorded)")
+
+    rb = sub.add_parser("rollback", help="champion <- previous-champion")
+    rb.add_argument("--params", default="params.yaml")
+    rb.add_argument("--name")
+    rb.add_argument("--out", help="write the rollback JSON here")
+
+    ls = sub.add_parser("list", help="versions with aliases, mode and key metrics")
+    ls.add_argument("--params", default="params.yaml")
+    ls.add_argument("--name")
+
+    sh = sub.add_parser("show", help="one version's tags and metrics")
+    sh.add_argument("ref", help="NAME@ALIAS, NAME/VERSION, or ALIAS / VERSION of the default model")
+    sh.add_argument("--params", default="params.yaml")
+    return p
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no versions)"
+    cols = list(rows[0])
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _write(path: str | None, obj) -> None:
+    if path:
+        from cxrcf.fileio import write_json
+
+        write_json(path, obj)
+
+
+def _run(args) -> int:
+    from cxrcf.config import load_params
+    from pipelines import registry
+
+    params = load_params(args.params)
+    if args.command == "register":
+        out = registry.register(params, args.generator, args.scm, args.predictor, args.guidance, args.mode,
+                                args.eval, figures_dir=args.figures, name=args.name)
+        _write(args.out, out)
+        print(f"registered {out['name']} version {out['version']} as 'candidate' ({out['model_uri']})")
+        return 0
+    if args.command == "promote":
+        decision = registry.promote(params, name=args.name, version=args.version)
+        _write(args.out, decision.to_json())
+        line = f"{decision.name} version {decision.version}: {decision.decision}: {decision.reason}"
+        if decision.ok:
+            print(line + (f" (previous champion: {decision.previous_champion})"
+                          if decision.decision == "promoted" and decision.previous_champion else ""))
+            return 0
+        if args.no_fail:
+            print(line)
+            return 0
+        raise CxrcfError(line)
+    if args.command == "rollback":
+        out = registry.rollback(params, name=args.name)
+        _write(args.out, out)
+        print(f"{out['name']}: champion is version {out['champion_version']} again "
+              f"(was {out['demoted_version']}; previous-champion now {out['previous_champion'] or 'none'})")
+        return 0
+    name = getattr(args, "name", None) or params.registry.generator_name
+    if args.command == "list":
+        print(f"{name} ({registry.connect().tracking_uri})")
+        print(format_table(registry.list_versions(name)))
+        return 0
+    info = registry.show_version(args.ref, default_name=params.registry.generator_name)
+    print(f"{info['name']} version {info['version']}  aliases: {', '.join(info['aliases']) or '-'}  "
+          f"run: {info['run_id']}  source: {info['source']}")
+    rows = [{"key": k, "value": v} for k, v in info["tags"].items()]
+    print(format_table(rows))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _run(args)
+    except MlflowException as err:
+        # Anything MLflow refuses that we did not anticipate still reaches the user as one line.
+        raise CxrcfError(f"MLflow ({err.error_code}): {str(err.message).splitlines()[0][:300]}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

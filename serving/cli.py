@@ -1,0 +1,122 @@
+"""`cxrcf serve`: run the counterfactual API on Ray Serve until interrupted.
+
+    cxrcf serve [--params params.yaml] [--model-name N] [--alias A | --version V]
+                [--host H] [--port P] [--data DIR] [--replicas N|auto] [--num-gpus G]
+                [--max-batch-size B] [--batch-wait-timeout-s S]
+
+Defaults come from params.serve (127.0.0.1:8000, alias champion) and params.registry.generator_name.
+API keys: CXRCF_API_KEYS (comma-separated); required when --host is not a loopback address.
+Uses the Ray cluster of RAY_ADDRESS when set, else starts a local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+
+from cxrcf.errors import CxrcfError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cxrcf serve", description="Serve counterfactuals over HTTP with Ray Serve.")
+    p.add_argument("--params", default="params.yaml", help="parameters file (default params.yaml)")
+    p.add_argument("--model-name", help="registered generator (default params.registry.generator_name)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--alias", help="alias to serve and follow (default params.serve.model_alias)")
+    which.add_argument("--version", help="pin one model version (no hot reload)")
+    p.add_argument("--host", help="bind address (default params.serve.host)")
+    p.add_argument("--port", type=int, help="port (default params.serve.port)")
+    p.add_argument("--data", help="dataset root whose metadata.csv ids requests may name as image_id")
+    p.add_argument("--replicas", help="model replicas: a number or 'auto' (default params.serve.num_replicas)")
+    p.add_argument("--num-gpus", type=float, help="GPUs per model replica (default params.serve.num_gpus)")
+    p.add_argument("--max-batch-size", type=int, help="default params.serve.max_batch_size")
+    p.add_argument("--batch-wait-timeout-s", type=float, help="default params.serve.batch_wait_timeout_s")
+    return p
+
+
+def serve_config(params, args):
+    """params.serve with the command-line overrides, validated as one ServeConfig."""
+    from pydantic import ValidationError
+
+    from cxrcf.config import ServeConfig, format_validation_error
+
+    overrides = {k: v for k, v in {
+        "host": args.host, "port": args.port, "num_gpus": args.num_gpus,
+        "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s,
+    }.items() if v is not None}
+    if args.replicas is not None:
+        overrides["num_replicas"] = args.replicas if args.replicas == "auto" else _int("--replicas", args.replicas)
+    merged = {**params.serve.model_dump(), **overrides}
+    # More replicas than max_replicas would make max_replicas meaningless for a fixed count.
+    if isinstance(merged["num_replicas"], int):
+        merged["max_replicas"] = max(merged["max_replicas"], merged["num_replicas"])
+    merged["max_ongoing_requests"] = max(merged["max_ongoing_requests"], merged["max_batch_size"])
+    try:
+        return ServeConfig.model_validate(merged)
+    except ValidationError as err:
+        raise CxrcfError(format_validation_error(err, "serve")) from None
+
+
+def _int(flag: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise CxrcfError(f"{flag} {text!r}: expected a number or 'auto'") from None
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise CxrcfError(f"serve.port: cannot bind {host}:{port} ({err.strerror})") from None
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from cxrcf.config import load_params
+    from serving.auth import ENV_VAR, check_host, parse_keys
+
+    params = load_params(args.params)
+    cfg = serve_config(params, args)
+    keys = parse_keys(os.environ.get(ENV_VAR))
+    check_host(cfg.host, keys)
+    if args.data and not os.path.isfile(os.path.join(args.data, "metadata.csv")):
+        raise CxrcfError(f"--data {args.data}: no metadata.csv there")
+    name = args.model_name or params.registry.generator_name
+    alias = None if args.version else (args.alias or cfg.model_alias)
+
+    from pipelines.registry import resolve_alias, show_version
+
+    # Fail here, in one line, rather than in a replica constructor that Serve retries for minutes.
+    version = args.version or resolve_alias(name, alias)
+    show_version(f"{name}/{version}")
+    check_port_free(cfg.host, cfg.port)
+    print(f"serve: models:/{name}{'@' + alias if alias else ''} is version {version}; starting Ray Serve",
+          file=sys.stderr, flush=True)
+
+    import ray
+    from ray import serve
+
+    from serving.app import APP_NAME, build_app, wait_ready
+
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(build_app(cfg, name, alias=alias, version=args.version, data_root=args.data, api_keys=keys),
+                  name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+        health = wait_ready(url)
+        print(f"serve: ready at {url} (model {health['model']} version {health['version']}; docs at {url}/docs; "
+              f"auth {'on' if keys else 'off'}); Ctrl-C stops", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("serve: stopping", file=sys.stderr, flush=True)
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()

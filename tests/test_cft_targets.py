@@ -1,0 +1,102 @@
+"""The hard/soft target table of SCIENCE.md section 5 and the Lagrange multiplier, against hand-computed tensors."""
+
+import pytest
+import torch
+
+from cxrcf.errors import CxrcfError
+from training.cft import aux_loss, cft_targets, lagrangian, update_lambda
+
+# Two images. Factual: (male, white, 40y, no finding) and (female, black, 70y, effusion).
+PARENTS = {"sex": torch.tensor([0.0, 1.0]), "race": torch.tensor([0, 2]),
+           "age": torch.tensor([40.0, 70.0]), "finding": torch.tensor([0.0, 1.0])}
+GUIDANCE = {"sex": torch.tensor([0.2, 0.9]), "finding": torch.tensor([0.35, 0.6]),
+            "race": torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]), "age": torch.tensor([45.0, 66.0])}
+FACTUAL_RACE = torch.tensor([[1.0, 0, 0], [0, 0, 1.0]])
+
+
+def star(**changes):
+    return {**PARENTS, **{k: torch.tensor(v) for k, v in changes.items()}}
+
+
+def check(targets, sex, race, finding, age):
+    torch.testing.assert_close(targets["sex"], torch.tensor(sex))
+    torch.testing.assert_close(targets["race"], torch.tensor(race))
+    torch.testing.assert_close(targets["finding"], torch.tensor(finding))
+    torch.testing.assert_close(targets["age"], torch.tensor(age))
+
+
+def test_do_sex():
+    s = star(sex=[1.0, 0.0])
+    check(cft_targets("hard", "sex", PARENTS, s, None), [1.0, 0.0], FACTUAL_RACE.tolist(), [0.0, 1.0], [40.0, 70.0])
+    check(cft_targets("soft", "sex", PARENTS, s, GUIDANCE), [1.0, 0.0],
+          [[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], [0.35, 0.6], [40.0, 70.0])
+
+
+def test_do_race_gives_three_class_targets():
+    s = star(race=[2, 1])
+    new_race = [[0.0, 0, 1], [0, 1, 0]]
+    check(cft_targets("hard", "race", PARENTS, s, None), [0.0, 1.0], new_race, [0.0, 1.0], [40.0, 70.0])
+    soft = cft_targets("soft", "race", PARENTS, s, GUIDANCE)
+    check(soft, [0.2, 0.9], new_race, [0.35, 0.6], [40.0, 70.0])
+    assert soft["race"].shape == (2, 3)
+
+
+def test_do_finding():
+    s = star(finding=[1.0, 0.0])
+    check(cft_targets("hard", "finding", PARENTS, s, None), [0.0, 1.0], FACTUAL_RACE.tolist(), [1.0, 0.0],
+          [40.0, 70.0])
+    check(cft_targets("soft", "finding", PARENTS, s, GUIDANCE), [0.2, 0.9], [[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]],
+          [1.0, 0.0], [40.0, 70.0])
+
+
+def test_do_age_finding_follows_the_scm_in_both_modes():
+    # The SCM recomputed finding for image 0 (older -> effusion); image 1 keeps its effusion.
+    s = star(age=[85.0, 30.0], finding=[1.0, 1.0])
+    check(cft_targets("hard", "age", PARENTS, s, None), [0.0, 1.0], FACTUAL_RACE.tolist(), [1.0, 1.0], [85.0, 30.0])
+    check(cft_targets("soft", "age", PARENTS, s, GUIDANCE), [0.2, 0.9], [[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]],
+          [1.0, 1.0], [85.0, 30.0])
+
+
+def test_soft_targets_carry_no_gradient_and_bad_input_is_named():
+    probs = {k: v.clone().requires_grad_(True) for k, v in GUIDANCE.items() if k != "age"}
+    out = cft_targets("soft", "sex", PARENTS, star(sex=[1.0, 0.0]), probs)
+    assert not out["finding"].requires_grad and not out["race"].requires_grad
+    with pytest.raises(CxrcfError, match="mode"):
+        cft_targets("medium", "sex", PARENTS, PARENTS, None)
+    with pytest.raises(CxrcfError, match="guidance_probs"):
+        cft_targets("soft", "sex", PARENTS, PARENTS, None)
+
+
+def test_aux_loss_accepts_soft_targets():
+    targets = cft_targets("soft", "sex", PARENTS, star(sex=[1.0, 0.0]), GUIDANCE)
+    outputs = {"sex": torch.tensor([0.0, 0.0]), "finding": torch.tensor([0.0, 0.0]),
+               "race": torch.zeros(2, 3), "age_loc": torch.tensor([-0.2, 0.4])}
+    total, parts = aux_loss(outputs, targets)
+    ln2, ln3 = torch.log(torch.tensor(2.0)), torch.log(torch.tensor(3.0))
+    torch.testing.assert_close(parts["sex"], ln2)  # logit 0 costs ln 2 whatever the target
+    torch.testing.assert_close(parts["race"], ln3)
+    torch.testing.assert_close(parts["age"], torch.tensor(0.0))  # 40y -> -0.2, 70y -> 0.4 in model space
+    torch.testing.assert_close(total, 2 * ln2 + ln3)
+
+
+def test_lambda_rises_while_the_constraint_is_violated_and_stays_non_negative():
+    eps, lr = 2.0, 0.1
+    lam = 0.0
+    for _ in range(5):
+        lam = update_lambda(lam, f=2.5, eps=eps, lr=lr)  # F above eps: violated
+    assert lam == pytest.approx(0.25)
+    for _ in range(10):
+        lam = update_lambda(lam, f=1.0, eps=eps, lr=lr)  # satisfied: lam falls back to the clamp
+    assert lam == 0.0
+
+
+def test_lagrangian_gradients():
+    f = torch.tensor(2.5, requires_grad=True)
+    aux = torch.tensor(1.0)
+    loss = lagrangian(aux, f, eps=2.0, lam=3.0, damping=10.0)
+    # L = 1 - (3 - 10*(-0.5)) * (-0.5) = 1 + 4 = 5; dL/dF = lam - d*(eps - F) = 3 + 5 = 8
+    assert float(loss.detach()) == pytest.approx(5.0)
+    loss.backward()
+    assert float(f.grad) == pytest.approx(8.0)
+    # dL/dlam = F - eps > 0 here: ascent raises lam
+    assert update_lambda(3.0, 2.5, 2.0, 1.0) > 3.0

@@ -1,0 +1,99 @@
+"""Anti-causal predictor: shapes across backbones and presets, the age head's finding input, the loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import torch_threads
+
+from cxrcf.attributes import age_from_model
+from cxrcf.config import PredictorArch, preset_params
+from cxrcf.predictor import Predictor, predictor_loss, stem_downsampling
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+def _check_outputs(out, n):
+    assert set(out) == {"sex", "race", "finding", "age_loc", "age_logscale"}
+    assert out["sex"].shape == (n,) and out["finding"].shape == (n,)
+    assert out["race"].shape == (n, 3)
+    assert out["age_loc"].shape == (n,) and out["age_logscale"].shape == (n,)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.parametrize("kind", ["cnn", "resnet18"])
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_shapes_and_dtypes(kind, resolution):
+    torch.manual_seed(0)
+    model = Predictor(PredictorArch(kind=kind, resolution=resolution, width=8)).eval()
+    x = torch.rand(3, 1, resolution, resolution) * 2 - 1
+    with torch.no_grad():
+        _check_outputs(model(x), 3)
+        _check_outputs(model.logits(x), 3)
+        p = model.predict(x)
+    assert set(p) == {"sex", "race", "finding", "age"}
+    assert ((p["sex"] >= 0) & (p["sex"] <= 1)).all() and ((p["finding"] >= 0) & (p["finding"] <= 1)).all()
+    assert torch.allclose(p["race"].sum(-1), torch.ones(3))
+    with torch.no_grad():
+        assert torch.allclose(p["age"], age_from_model(model(x)["age_loc"]))
+
+
+def test_paper_preset_runs_at_192():
+    arch = preset_params("paper").predictors.evaluation.arch
+    assert arch.kind == "resnet18" and arch.resolution == 192
+    model = Predictor(arch).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 10e6 < n_params < 12.5e6  # a ResNet-18 at the reference width
+    with torch.no_grad():
+        _check_outputs(model(torch.zeros(1, 1, 192, 192)), 1)
+
+
+@pytest.mark.parametrize("resolution,expected", [(32, 4), (64, 4), (192, 6)])
+def test_resnet_feature_map_is_not_tiny(resolution, expected):
+    model = Predictor(PredictorArch(kind="resnet18", resolution=resolution, width=4))
+    with torch.no_grad():
+        h = model.backbone.layers(model.backbone.stem(torch.zeros(1, 1, resolution, resolution)))
+    assert h.shape[-1] == expected == resolution // (stem_downsampling(resolution) * 8)
+
+
+def test_age_head_sees_the_finding():
+    torch.manual_seed(0)
+    model = Predictor(PredictorArch(kind="cnn", resolution=32, width=8)).eval()
+    x = torch.rand(4, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        neg, pos, auto = model(x, finding=torch.zeros(4)), model(x, finding=torch.ones(4)), model(x)
+        given = model(x, finding=torch.sigmoid(auto["finding"]))
+    assert not torch.allclose(neg["age_loc"], pos["age_loc"])
+    for k in ("sex", "race", "finding"):
+        assert torch.equal(neg[k], pos[k])
+    assert torch.allclose(auto["age_loc"], given["age_loc"]) and torch.allclose(auto["age_logscale"], given["age_logscale"])
+
+
+def test_loss_trains_on_a_small_batch():
+    """A few steps on a fixed batch whose labels are visible in the image must lower every part."""
+    torch.manual_seed(0)
+    n = 32
+    parents = {"sex": (torch.arange(n) % 2).float(), "race": torch.arange(n) % 3,
+               "age": torch.linspace(20, 90, n), "finding": ((torch.arange(n) // 2) % 2).float()}
+    x = torch.full((n, 1, 16, 16), -1.0)
+    x[:, :, :4] = parents["sex"].view(n, 1, 1, 1) * 2 - 1
+    x[:, :, 4:8] = parents["race"].view(n, 1, 1, 1).float() - 1
+    x[:, :, 8:12] = parents["age"].view(n, 1, 1, 1) / 50 - 1
+    x[:, :, 12:] = parents["finding"].view(n, 1, 1, 1) * 2 - 1
+    model = Predictor(PredictorArch(kind="cnn", resolution=32, width=8, dropout=0.0))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        loss, parts = predictor_loss(model(x, finding=parents["finding"]), parents)
+        assert loss.requires_grad and all(not v.requires_grad for v in parts.values())
+        first = first or {k: float(v) for k, v in parts.items()}
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    last = {k: float(v) for k, v in parts.items()}
+    assert all(last[k] < first[k] - 0.1 for k in first), (first, last)
+    assert torch.isfinite(loss)

@@ -1,0 +1,370 @@
+"""The counterfactual API end to end: real local Ray Serve, real SQLite MLflow registry, real HTTP.
+
+One Serve application for the whole module (Serve's HTTP options are per cluster). Two versions of
+`tiny_bundle` (different seeds) are registered; version 1 is champion when serving starts and the
+last test promotes version 2 and watches the replicas switch without failing a request.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+MODEL = "serve-test-generator"
+PARENTS = {"sex": "male", "race": "asian", "age": 47.0, "finding": "no_finding"}
+GATE_PASSING_EVAL = {"effectiveness": {"sex": {"auc": 0.9}, "race": {"auc": 0.9}, "finding": {"auc": 0.9},
+                                       "age": {"mae": 5.0}},
+                     "amplification": {"worst": 0.1}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_url(ray_cluster) -> str:
+    """Start Serve on a free localhost port, or reuse the one this cluster already has."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+        client = _get_global_client()
+    return f"http://127.0.0.1:{client.http_config.port}"
+
+
+def _png(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _unpng(data: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+
+
+def _image(h: int = 32, w: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w), dtype=np.uint8)
+
+
+def _serve_config(**overrides):
+    from cxrcf.config import ServeConfig, preset_params
+
+    base = preset_params("smoke").serve.model_dump()
+    base.update(max_batch_size=8, batch_wait_timeout_s=0.05, max_ongoing_requests=32, max_interventions=4,
+                max_body_bytes=200_000, reload_poll_s=0.5, num_cpus=1.0)
+    return ServeConfig.model_validate({**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def registered(mlflow_uri, tmp_path_factory):
+    """Versions 1 and 2 of MODEL (tiny_bundle seeds 0 and 1); version 1 promoted to champion."""
+    from helpers import tiny_bundle
+
+    from cxrcf.config import preset_params
+    from cxrcf.export import save_model
+    from pipelines import registry
+
+    params = preset_params("smoke")
+    root = tmp_path_factory.mktemp("serve-models")
+    (root / "eval.json").write_text(json.dumps(GATE_PASSING_EVAL))
+    versions = []
+    for seed in (0, 1):
+        b = tiny_bundle(seed=seed)
+        d = root / f"seed{seed}"
+        for part, model in (("generator", b.hvae), ("scm", b.scm), ("predictor", b.predictor)):
+            save_model(model, d / part)
+        out = registry.register(params, d / "generator", d / "scm", d / "predictor", d / "predictor", "soft",
+                                root / "eval.json", name=MODEL)
+        versions.append(out["version"])
+    assert registry.promote(params, MODEL, versions[0]).ok
+    return {"params": params, "versions": versions}
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, registered, tiny_data):
+    from ray import serve
+
+    from serving.app import APP_NAME, build_app, wait_ready
+
+    url = serve_url(ray_cluster)
+
+    def deploy(keys=(), **overrides):
+        app = build_app(_serve_config(**overrides), MODEL, alias="champion", data_root=str(tiny_data),
+                        api_keys=list(keys))
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+
+    deploy()
+    wait_ready(url)
+    with httpx.Client(base_url=url, timeout=60.0) as http:
+        yield {"url": url, "http": http, "deploy": deploy, "data": tiny_data}
+    serve.delete(APP_NAME)
+
+
+def _post(server, body, **kw) -> httpx.Response:
+    return server["http"].post("/v1/counterfactuals", json=body, **kw)
+
+
+def _bundle(version: str):
+    from pipelines.registry import load_bundle
+
+    return load_bundle(f"models:/{MODEL}/{version}")[0]
+
+
+# ------------------------------------------------------------------------------------- endpoints
+def test_health_model_and_docs(server, registered):
+    http = server["http"]
+    health = http.get("/healthz")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "model": MODEL, "version": registered["versions"][0]}
+    info = http.get("/v1/model").json()
+    assert (info["name"], info["version"], info["alias"], info["mode"]) == (MODEL, "1", "champion", "soft")
+    assert info["metrics"]["effectiveness.sex.auc"] == pytest.approx(0.9)
+    assert info["resolution"] == 32 and info["device"] == "cpu"
+    assert info["stats"]["max_batch_size"] == 8 and info["stats"]["batch_wait_timeout_s"] == pytest.approx(0.05)
+    assert "swagger" in http.get("/docs").text.lower()
+    spec = http.get("/openapi.json")
+    assert spec.status_code == 200, spec.text[:3000]
+    spec = spec.json()
+    assert {"/v1/counterfactuals", "/v1/model", "/healthz"} <= set(spec["paths"])
+    assert "CounterfactualRequest" in spec["components"]["schemas"]
+
+
+def test_counterfactuals_match_the_bundle(server):
+    """Served alone, a request reproduces GeneratorBundle.counterfactuals bit for bit."""
+    import torch
+
+    from cxrcf.bundle import parents_from_labels
+    from cxrcf.data import from_model_images, to_model_images
+
+    pixels = _image(seed=5)
+    interventions = [{"sex": "female"}, {"age": 90.0}]
+    r = _post(server, {"image": _png(pixels), "parents": PARENTS, "interventions": interventions,
+                       "t_u": 0.8, "seed": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    bundle = _bundle("1")
+    x = to_model_images(pixels[None], 32)
+    images, cf_parents = bundle.counterfactuals(x, parents_from_labels([PARENTS]), interventions, t_u=0.8, seed=3,
+                                                return_parents=True)
+    assert body["factual"]["parents"] == PARENTS and body["factual"]["parents_inferred"] is False
+    assert (body["factual"]["height"], body["factual"]["width"]) == (32, 32)
+    assert body["model"]["name"] == MODEL and body["model"]["version"] == "1" and body["model"]["batch_size"] == 1
+    probs = bundle.probabilities(x)
+    assert body["factual"]["probabilities"]["sex"]["female"] == pytest.approx(float(probs["sex"][0]), abs=1e-6)
+    assert body["factual"]["probabilities"]["age"] == pytest.approx(float(probs["age"][0]), abs=1e-4)
+    assert [c["intervention"] for c in body["counterfactuals"]] == interventions
+    for cf, img, star in zip(body["counterfactuals"], images, cf_parents):
+        assert np.array_equal(_unpng(cf["image"]), from_model_images(img)[0])
+        assert cf["parents"]["age"] == pytest.approx(float(star["age"][0]))
+        assert cf["parents"]["finding"] == ("pleural_effusion" if star["finding"][0] else "no_finding")
+        cf_probs = bundle.probabilities(to_model_images(from_model_images(img), 32))
+        assert cf["probabilities"]["finding"]["pleural_effusion"] == pytest.approx(float(cf_probs["finding"][0]),
+                                                                                   abs=2e-2)
+        for attr in ("sex", "race", "finding"):
+            for cls, p in cf["probabilities"][attr].items():
+                want = p - body["factual"]["probabilities"][attr][cls]
+                assert cf["drift"][attr][cls] == pytest.approx(want, abs=1e-9)
+    assert body["counterfactuals"][0]["parents"] == {**PARENTS, "sex": "female"}
+    assert body["counterfactuals"][1]["parents"]["age"] == 90.0
+    assert torch.is_tensor(images[0])
+
+
+def test_any_size_and_inferred_parents(server):
+    import torch
+
+    from cxrcf.data import to_model_images
+    from serving.engine import square
+
+    pixels = _image(40, 56, seed=7)
+    r = _post(server, {"image": _png(pixels), "interventions": [{"finding": "pleural_effusion"}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["factual"]["parents_inferred"] is True
+    assert _unpng(body["counterfactuals"][0]["image"]).shape == (40, 56)
+    inferred = _bundle("1").infer_parents(to_model_images(square(pixels)[None], 32))
+    assert body["factual"]["parents"]["sex"] == ("female" if inferred["sex"][0] else "male")
+    assert body["factual"]["parents"]["age"] == pytest.approx(float(inferred["age"][0]), abs=1e-4)
+    assert body["counterfactuals"][0]["parents"]["finding"] == "pleural_effusion"
+    assert torch.is_tensor(inferred["race"])
+
+
+def test_dataset_image_id(server):
+    import pandas as pd
+
+    row = pd.read_csv(server["data"] / "metadata.csv").iloc[3]
+    r = _post(server, {"image_id": row["id"], "interventions": [{"race": "black"}]})
+    assert r.status_code == 200, r.text
+    factual = r.json()["factual"]
+    assert factual["image_id"] == row["id"] and factual["parents_inferred"] is False
+    assert factual["parents"] == {"sex": row["sex"], "race": row["race"], "age": pytest.approx(row["age"]),
+                                  "finding": row["finding"]}
+    stored = np.asarray(Image.open(server["data"] / row["path"]))
+    assert (factual["height"], factual["width"]) == stored.shape
+
+
+def _rgb(distinct: bool) -> str:
+    g = _image(seed=9)
+    return _png(np.stack([g, 255 - g if distinct else g, g], -1))
+
+
+BAD = [
+    ("malformed base64", {"image": "@@@not-base64@@@"}, 422, "image", "base64"),
+    ("not an image", {"image": base64.b64encode(b"plain text, not a picture").decode()}, 422, "image", "image"),
+    ("RGB with distinct channels", {"image": _rgb(True)}, 422, "image", "channels"),
+    ("image and image_id", {"image": _png(_image()), "image_id": "x"}, 422, "image", "exactly one"),
+    ("unknown image_id", {"image_id": "no-such-id"}, 422, "image_id", "unknown id"),
+    ("unknown attribute", {"interventions": [{"height": 180}]}, 422, "interventions.0.height", "unknown attribute"),
+    ("unknown value", {"interventions": [{"sex": "unknown"}]}, 422, "interventions.0.sex", "male, female"),
+    ("age out of range", {"parents": {**PARENTS, "age": 150}}, 422, "parents.age", "120"),
+    ("intervened age out of range", {"interventions": [{"age": -3}]}, 422, "interventions.0.age", "0"),
+    ("too many interventions", {"interventions": [{"sex": "female"}] * 5}, 422, "interventions", "at most 4"),
+    ("bad t_u", {"t_u": 2}, 422, "t_u", "1"),
+]
+
+
+@pytest.mark.parametrize("name, change, status, field, words", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_4xx_naming_the_field(server, name, change, status, field, words):
+    body = {"image": _png(_image()), "interventions": [{"sex": "female"}]}
+    body.update(change)
+    if "image_id" in change and "image" not in change:
+        body.pop("image")
+    r = _post(server, body)
+    assert r.status_code == status, r.text
+    errors = r.json()["errors"]
+    assert any(e["field"] == field and words in e["message"] for e in errors), errors
+    assert field in r.json()["detail"]
+
+
+def test_malformed_json_and_oversized_body(server):
+    http = server["http"]
+    r = http.post("/v1/counterfactuals", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body"
+    big = {"image": "A" * 250_000, "interventions": [{"sex": "female"}]}
+    r = http.post("/v1/counterfactuals", json=big)
+    assert r.status_code == 413 and "serve.max_body_bytes" in r.json()["detail"]
+
+
+def test_gray_rgb_png_is_accepted(server):
+    r = _post(server, {"image": _rgb(False), "parents": PARENTS, "interventions": [{"sex": "female"}]})
+    assert r.status_code == 200, r.text
+
+
+# -------------------------------------------------------------------------------------- batching
+def _burst(server, n: int) -> list[httpx.Response]:
+    body = {"image": _png(_image(seed=11)), "parents": PARENTS, "interventions": [{"sex": "female"}]}
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: httpx.post(server["url"] + "/v1/counterfactuals", json=body, timeout=60),
+                             range(n)))
+
+
+def test_concurrent_requests_form_batches_and_batching_reconfigures(server):
+    replies = _burst(server, 24)
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+    sizes = [r.json()["model"]["batch_size"] for r in replies]
+    assert max(sizes) > 1 and max(sizes) <= 8
+    stats = server["http"].get("/v1/model").json()["stats"]
+    assert stats["mean_batch_size"] > 1.0 and stats["requests"] >= 24
+
+    server["deploy"](max_batch_size=1)  # user_config only: reconfigured in place, replicas kept
+    try:
+        deadline = time.monotonic() + 30
+        while server["http"].get("/v1/model").json()["stats"]["max_batch_size"] != 1:
+            assert time.monotonic() < deadline, "max_batch_size never reconfigured"
+            time.sleep(0.2)
+        replies = _burst(server, 8)
+        assert [r.json()["model"]["batch_size"] for r in replies] == [1] * 8
+    finally:
+        server["deploy"]()
+
+
+# ------------------------------------------------------------------------------------------ auth
+def test_api_keys_on_and_off(server):
+    http = server["http"]
+    body = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}]}
+    server["deploy"](keys=["s3cret", "other"])
+    try:
+        deadline = time.monotonic() + 30
+        while http.get("/v1/model").status_code != 401:
+            assert time.monotonic() < deadline, "auth never switched on"
+            time.sleep(0.2)
+        refused = _post(server, body)
+        assert refused.status_code == 401 and refused.json()["errors"][0]["field"] == "X-API-Key"
+        assert _post(server, body, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert _post(server, body, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert _post(server, body, headers={"Authorization": "Bearer other"}).status_code == 200
+        assert http.get("/v1/model", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        # invalid bodies are refused for the missing key first, not validated for strangers
+        assert _post(server, {"nonsense": 1}).status_code == 401
+        assert http.get("/healthz").status_code == 200
+    finally:
+        server["deploy"]()
+    deadline = time.monotonic() + 30
+    while http.get("/v1/model").status_code != 200:
+        assert time.monotonic() < deadline, "auth never switched off"
+        time.sleep(0.2)
+
+
+def test_cli_refuses_public_host_without_keys_and_unknown_alias(mlflow_uri, monkeypatch, capsys, tmp_path):
+    from cxrcf.cli import main
+
+    monkeypatch.delenv("CXRCF_API_KEYS", raising=False)
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: smoke\n")
+    assert main(["serve", "--params", str(params), "--host", "0.0.0.0"]) == 1
+    assert "serve.host: 0.0.0.0" in capsys.readouterr().err
+    assert main(["serve", "--params", str(params), "--model-name", MODEL, "--alias", "nope"]) == 1
+    assert "no version has alias 'nope'" in capsys.readouterr().err
+    assert main(["serve", "--params", str(params), "--max-batch-size", "0"]) == 1
+    assert "max_batch_size" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ hot reload
+def test_hot_reload_after_promotion_drops_nothing(server, registered):
+    from pipelines import registry
+
+    body = {"image": _png(_image(seed=13)), "parents": PARENTS, "interventions": [{"age": 70.0}], "seed": 1}
+    before = _post(server, body).json()
+    seen, stop = [], threading.Event()
+
+    def traffic():
+        with httpx.Client(base_url=server["url"], timeout=60) as http:
+            while not stop.is_set():
+                r = http.post("/v1/counterfactuals", json=body)
+                seen.append((r.status_code, r.json()["model"]["version"] if r.status_code == 200 else r.text))
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        assert registry.promote(registered["params"], MODEL, registered["versions"][1]).ok
+        deadline = time.monotonic() + 60
+        while server["http"].get("/v1/model").json()["version"] != "2":
+            assert time.monotonic() < deadline, "the replica never loaded version 2"
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert seen and all(code == 200 for code, _ in seen), [s for s in seen if s[0] != 200][:3]
+    versions = [v for _, v in seen]
+    assert "1" in versions and versions[-1] == "2"
+    info = server["http"].get("/v1/model").json()
+    assert info["reloads"] >= 1 and info["alias"] == "champion"
+    after = _post(server, body).json()
+    assert after["model"]["version"] == "2"
+    assert after["counterfactuals"][0]["image"] != before["counterfactuals"][0]["image"]

@@ -1,0 +1,125 @@
+"""Phase `generator`: HVAE pretraining with loss = nll + beta*kl. The exported weights are the EMA
+weights at the best validation loss, and that loss (nats/pixel) is `eps`, the level CFT must stay under."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+GRID_IMAGES = 8
+
+
+class GeneratorObjective(nn.Module):
+    def __init__(self, arch, beta: float):
+        super().__init__()
+        from cxrcf.hvae import HVAE
+
+        self.model = HVAE(arch)
+        self.beta = beta
+
+    def forward(self, x, parents, rng):
+        from cxrcf.attributes import context
+
+        out = self.model(x, context(parents), self.beta)
+        return {"loss": out["loss"], "nll": out["nll"], "kl": out["kl"]}
+
+
+def build_objective(arch, beta: float) -> GeneratorObjective:
+    return GeneratorObjective(arch, beta)
+
+
+def validate_hvae(model, x, parents, device, beta: float) -> dict[str, float]:
+    """Validation means (per pixel) of the training objective and its parts."""
+    from cxrcf.attributes import context
+    from training.common import batched
+
+    outs = batched(lambda xc, pc: (len(xc), model(xc, context(pc), beta)), x, parents, device)
+    n = sum(b for b, _ in outs)
+    return {k: float(sum(b * o[k].float() for b, o in outs) / n) for k in ("loss", "nll", "kl", "nelbo")}
+
+
+def _interventions(parents: dict) -> dict[str, torch.Tensor]:
+    """A visible change per attribute for the sample grid: flip binaries, next race, age +/- 30 years."""
+    age = parents["age"].float()
+    return {
+        "sex": 1.0 - parents["sex"].float(),
+        "race": (parents["race"].long() + 1) % 3,
+        "finding": 1.0 - parents["finding"].float(),
+        "age": torch.where(age < 60, age + 30, age - 30).clamp(0, 120),
+    }
+
+
+@torch.no_grad()
+def sample_grid(hvae, x, parents, path: str | Path, scm=None, t_u: float = 1.0, seed: int = 0) -> Path:
+    """PNG grid, one row per image: factual | reconstruction | do(sex) | do(race) | do(finding) | do(age).
+
+    With an SCM the counterfactual parents follow it (do(age) recomputes finding); without one the
+    intervened parent alone changes.
+    """
+    from PIL import Image, ImageDraw
+
+    from cxrcf.attributes import context
+    from cxrcf.counterfactual import counterfactual
+    from cxrcf.fileio import atomic_path
+
+    hvae = hvae.eval()
+    device = next(hvae.parameters()).device
+    x = x[:GRID_IMAGES].to(device)
+    parents = {k: v[:GRID_IMAGES].to(device) for k, v in parents.items()}
+    ctx = context(parents)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    recon = hvae.decode(hvae.abduct(x, ctx, generator=gen), ctx)[0].clamp(-1, 1)
+    columns, titles = [x, recon], ["factual", "recon"]
+    for attr, value in _interventions(parents).items():
+        if scm is not None:
+            star = scm.counterfactual(parents, {attr: value}, generator=gen)
+        else:
+            star = {**parents, attr: value}
+        columns.append(counterfactual(hvae, x, ctx, context(star), t_u=t_u, generator=gen))
+        titles.append(f"do({attr})")
+    res, pad, head = x.shape[-1], 2, 14
+    scale = max(1, 64 // res)
+    cell = res * scale + pad
+    canvas = Image.new("L", (cell * len(columns) + pad, head + cell * len(x) + pad), color=255)
+    draw = ImageDraw.Draw(canvas)
+    for c, (col, title) in enumerate(zip(columns, titles)):
+        draw.text((pad + c * cell, 1), title, fill=0)
+        pixels = ((col.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        for r in range(len(x)):
+            tile = Image.fromarray(pixels[r, 0].numpy(), mode="L").resize((res * scale, res * scale), Image.NEAREST)
+            canvas.paste(tile, (pad + c * cell, head + pad + r * cell))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+    return Path(path)
+
+
+def make_task(params, data_root):
+    from training.common import loader
+    from training.loop import Task
+
+    g = params.generator
+    return Task(name="generator", optim=g.optim, build=functools.partial(build_objective, g.arch, g.beta),
+                data=loader(data_root, g.arch.resolution),
+                validate=functools.partial(validate_hvae, beta=g.beta), select="loss")
+
+
+def train_generator(params, data_root, out_dir, metrics_file=None) -> dict:
+    import tempfile
+
+    from cxrcf.hvae import HVAE
+    from training.common import finish, load_arrays, run_fit, write_model
+
+    result, run_id = run_fit(params, "generator", [make_task(params, data_root)])
+    metrics = dict(result.metrics["generator"])
+    metrics["eps"] = metrics["best_loss"]
+    model = HVAE(params.generator.arch)
+    model.load_state_dict(result.weights["generator"])
+    out_dir = write_model(model, out_dir, run_id, metrics, meta={"preset": params.preset, "beta": params.generator.beta})
+    with tempfile.TemporaryDirectory() as tmp:
+        x, parents = load_arrays(str(Path(data_root).resolve()), params.generator.arch.resolution, "val")
+        grid = sample_grid(model, x, parents, Path(tmp) / "samples.png", t_u=1.0)
+        finish(run_id, metrics, metrics_file, {"model": out_dir, "samples": grid})
+    return {"run_id": run_id, "metrics": metrics, "out_dir": str(out_dir)}

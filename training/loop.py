@@ -1,0 +1,527 @@
+"""The one train loop every phase runs inside a Ray Train `TorchTrainer`.
+
+A phase supplies `Task`s. Each task's `build()` returns an *objective*: an `nn.Module` whose
+`.model` is the network that is trained, EMA-averaged and exported, and whose
+`forward(x, parents, rng)` returns a dict of scalar tensors including `loss`. Wrapping the whole
+objective in DDP (not just `.model`) lets phases such as CFT call any method of the model
+(abduct, decode) while DDP still synchronises the gradients. Optional objective hooks:
+`after_step(metrics)` (sees metrics averaged over workers, e.g. the Lagrange multiplier update),
+`extra_state()` / `load_extra_state(d)` (JSON scalars that must survive a restart).
+
+Several tasks can share one fit (the predictors phase trains two networks) so the workers start once.
+
+Checkpoint directory (written by rank 0, reported by every rank):
+  state.json            task index, step, skipped updates, best validation value, extra state,
+                        optimizer param_groups, finished tasks' metrics
+  model.safetensors     current weights of `.model`
+  ema.safetensors       EMA weights
+  best.safetensors      EMA weights at the best validation value (tasks with `select`)
+  optimizer.safetensors AdamW moments and step counts, keys `<param index>.<name>`
+  final/<task>.safetensors  exported weights of finished tasks
+No pickle is written. The fp16 GradScaler (GPUs without bf16 only) restarts from its default scale.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from cxrcf.config import OptimConfig, RayConfig
+
+
+@dataclass
+class Task:
+    name: str
+    optim: OptimConfig
+    build: Callable[[], Any]  # -> objective nn.Module with `.model`
+    data: Callable[[str], tuple[Any, dict]]  # split -> (x (N,1,R,R), parents dict)
+    validate: Callable[[Any, Any, dict, Any], dict[str, float]] | None = None  # (ema model, x, parents, device)
+    select: str | None = None  # validation metric (lower is better) that picks the exported EMA weights
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class LoopConfig:
+    tasks: list[Task]
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    progress_every: int = 0  # 0: about 20 lines per task
+    fault_at_step: int | None = None  # test hook: the last rank dies once at this step
+    fault_marker: str | None = None  # file whose existence means the fault already happened
+    metric_prefix: bool = False  # prefix metric names with the task name (several tasks per fit)
+
+
+@dataclass
+class StepRng:
+    """Per-step randomness: `shared` is identical on every rank (e.g. CFT's choice of parent),
+    `local` differs by rank; both are derived from (seed, step) so a resumed run replays them."""
+
+    shared: Any
+    local: Any
+    device: Any
+
+
+@dataclass
+class FitResult:
+    weights: dict[str, dict]  # task name -> exported state dict (CPU tensors)
+    metrics: dict[str, dict[str, float]]
+    run_name: str
+    storage_path: str
+
+
+# ----------------------------------------------------------------------------------- small pieces
+def warmup_lr(optim: OptimConfig, step: int) -> float:
+    if optim.warmup_steps <= 0:
+        return optim.lr
+    return optim.lr * min(1.0, (step + 1) / optim.warmup_steps)
+
+
+def shard_batch_size(batch_size: int, rank: int, world: int) -> int:
+    """This rank's share of the global batch; the shares sum to `batch_size`."""
+    return batch_size // world + (1 if rank < batch_size % world else 0)
+
+
+class Batcher:
+    """Epoch-wise permutations of this rank's shard; `skip(n)` replays n batches so a resumed run
+    continues the exact sample order."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        import torch
+
+        if n < 1:
+            raise ValueError("empty data shard")
+        self.n, self.batch = n, batch
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(n, generator=self.gen)
+        self.pos = 0
+
+    def next(self):
+        import torch
+
+        parts, need = [], self.batch
+        while need > 0:
+            if self.pos >= self.n:
+                self.perm = torch.randperm(self.n, generator=self.gen)
+                self.pos = 0
+            take = self.perm[self.pos:self.pos + need]
+            self.pos += len(take)
+            need -= len(take)
+            parts.append(take)
+        return torch.cat(parts)
+
+    def skip(self, batches: int) -> None:
+        for _ in range(batches):
+            self.next()
+
+
+def step_rng(seed: int, step: int, rank: int, device):
+    import torch
+
+    base = seed * 1_000_003 + step
+    shared = torch.Generator().manual_seed(base)
+    local = torch.Generator().manual_seed(base * 31 + 7_919 * (rank + 1))
+    dev = torch.Generator(device=device).manual_seed(base * 37 + 104_729 * (rank + 1))
+    return StepRng(shared, local, dev)
+
+
+class EMA:
+    """EMA of the weights with the usual warm-up: the decay after n updates is
+    min(rate, (1 + n) / (10 + n)), so short runs export trained weights rather than a copy of the
+    initialisation (with 0.999 from step 0, a 30-step run would keep ~97% of the random init)."""
+
+    def __init__(self, model, rate: float, updates: int = 0):
+        self.rate = rate
+        self.updates = updates
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def decay(self) -> float:
+        return min(self.rate, (1 + self.updates) / (10 + self.updates))
+
+    def update(self, model) -> None:
+        import torch
+
+        with torch.no_grad():
+            src = list(model.parameters())
+            dst = list(self.model.parameters())
+            torch._foreach_lerp_(dst, src, 1.0 - self.decay())
+            self.updates += 1
+            for b_dst, b_src in zip(self.model.buffers(), model.buffers()):
+                b_dst.copy_(b_src)
+
+
+def optimizer_step(loss, opt, params, optim: OptimConfig, scaler=None):
+    """Backward, clip to grad_clip, and step unless the norm exceeds grad_skip (or is not finite).
+    Returns (grad norm before clipping, whether the update was applied)."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+    # Under DDP the gradients are already all-reduced, so every rank takes the same decision.
+    applied = bool(torch.isfinite(grad_norm)) and grad_norm.item() <= optim.grad_skip
+    if scaler is not None:
+        if applied:
+            scaler.step(opt)
+        scaler.update()
+    elif applied:
+        opt.step()
+    return grad_norm, applied
+
+
+def cpu_state(module_or_state) -> dict:
+    state = module_or_state.state_dict() if hasattr(module_or_state, "state_dict") else module_or_state
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def save_tensors(state: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(cpu_state(state), str(path))
+
+
+def load_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def optimizer_to_files(opt, directory: Path) -> dict:
+    """Tensors to optimizer.safetensors; returns the JSON-able param_groups."""
+    sd = opt.state_dict()
+    flat = {f"{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items() if hasattr(v, "shape")}
+    save_tensors(flat, directory / "optimizer.safetensors")
+    return sd["param_groups"]
+
+
+def optimizer_from_files(opt, directory: Path, param_groups: list) -> None:
+    state: dict[int, dict] = {}
+    for key, value in load_tensors(directory / "optimizer.safetensors").items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def format_progress(name: str, step: int, total: int, metrics: dict[str, float], images_per_s: float,
+                    eta_s: float) -> str:
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    eta = f"{int(eta_s // 60)}m{int(eta_s % 60):02d}s" if math.isfinite(eta_s) else "?"
+    return f"[{name}] step {step}/{total} {shown} | {images_per_s:.0f} img/s | ETA {eta}"
+
+
+def say(line: str) -> None:
+    """One console line. Not `print`: Ray Train patches print into its logger, which echoes it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------------- the worker
+class _Tracker:
+    """Rank 0's buffered MLflow metric writer."""
+
+    def __init__(self, cfg: LoopConfig, rank: int):
+        self.on = bool(cfg.run_id) and rank == 0
+        self.cfg = cfg
+        self.rows: list[tuple[str, float, int]] = []
+
+    def add(self, prefix: str, metrics: dict[str, float], step: int) -> None:
+        if self.on:
+            self.rows += [(f"{prefix}{k}", v, step) for k, v in metrics.items() if math.isfinite(v)]
+
+    def flush(self) -> None:
+        if self.on and self.rows:
+            from training.tracking import log_metrics
+
+            log_metrics(self.cfg.run_id, self.rows, self.cfg.tracking_uri)
+            self.rows = []
+
+
+def _average(values: list[float], world: int):
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return t.tolist()
+
+
+def worker_main(config: dict) -> None:
+    """`train_loop_per_worker`: runs every task of the LoopConfig, resuming from the last checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    cfg: LoopConfig = config["loop"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    tracker = _Tracker(cfg, rank)
+    if tracker.on:
+        import threading
+
+        # MLflow takes seconds to import; let that overlap with loading data and building the model.
+        threading.Thread(target=__import__, args=("mlflow.tracking",), daemon=True).start()
+
+    resume: dict | None = None
+    finished_weights: dict[str, dict] = {}
+    finished_metrics: dict[str, dict] = {}
+    ckpt = ray.train.get_checkpoint()
+    ckpt_dir = None
+    if ckpt is not None:
+        ckpt_dir = Path(tempfile.mkdtemp(prefix="cxrcf-resume-"))
+        with ckpt.as_directory() as d:
+            shutil.copytree(d, ckpt_dir, dirs_exist_ok=True)
+        resume = json.loads((ckpt_dir / "state.json").read_text())
+        finished_metrics = resume.get("finished", {})
+        for name in finished_metrics:
+            finished_weights[name] = load_tensors(ckpt_dir / "final" / f"{name}.safetensors")
+        if rank == 0:
+            say(f"resuming from checkpoint: task {resume['task']} step {resume['step']}")
+
+    data_cache: dict[tuple[int, str], tuple] = {}
+
+    def data(task: Task, split: str):
+        key = (id(task.data), split)
+        if key not in data_cache:
+            data_cache[key] = task.data(split)
+        return data_cache[key]
+
+    start_task = resume["task"] if resume else 0
+    for index, task in enumerate(cfg.tasks):
+        if index < start_task or task.name in finished_metrics:
+            continue
+        task_resume = resume if (resume and resume["task"] == index) else None
+        weights, metrics = _run_task(cfg, index, task, data, rank, world, device, tracker, task_resume,
+                                     ckpt_dir if task_resume else None, finished_weights, finished_metrics)
+        finished_weights[task.name] = weights
+        finished_metrics[task.name] = metrics
+
+    # The final report carries every task's exported weights; it is the result the driver reads.
+    directory = Path(tempfile.mkdtemp(prefix="cxrcf-final-"))
+    if rank == 0:
+        _write_finals(directory, finished_weights)
+        state = {"task": len(cfg.tasks), "step": 0, "finished": finished_metrics}
+        (directory / "state.json").write_text(json.dumps(state))
+    flat = {f"{t}/{k}": v for t, m in finished_metrics.items() for k, v in m.items()}
+    ray.train.report({"done": 1, **flat},
+                     checkpoint=ray.train.Checkpoint.from_directory(str(directory)) if rank == 0 else None)
+    shutil.rmtree(directory, ignore_errors=True)
+    tracker.flush()
+    if ckpt_dir is not None:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _write_finals(directory: Path, finished_weights: dict[str, dict]) -> None:
+    (directory / "final").mkdir(parents=True, exist_ok=True)
+    for name, state in finished_weights.items():
+        save_tensors(state, directory / "final" / f"{name}.safetensors")
+
+
+def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Tracker, resume, ckpt_dir,
+              finished_weights, finished_metrics):
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    optim = task.optim
+    prefix = f"{task.name}/" if cfg.metric_prefix else ""
+    torch.manual_seed(optim.seed)
+    objective = task.build()
+    model = objective.model
+    if resume:
+        model.load_state_dict(load_tensors(ckpt_dir / "model.safetensors"))
+        if hasattr(objective, "load_extra_state"):
+            objective.load_extra_state(resume.get("extra", {}))
+    objective.to(device)
+    ema = EMA(model, optim.ema_rate, updates=resume.get("ema_updates", 0) if resume else 0)
+    if resume:
+        ema.model.load_state_dict(load_tensors(ckpt_dir / "ema.safetensors"))
+    wrapped = ray.train.torch.prepare_model(
+        objective, parallel_strategy_kwargs={"find_unused_parameters": task.find_unused_parameters})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    if resume:
+        optimizer_from_files(opt, ckpt_dir, resume["optimizer"])
+
+    x_train, p_train = data(task, "train")
+    shard = torch.arange(rank, len(x_train), world)
+    local_batch = shard_batch_size(optim.batch_size, rank, world)
+    batcher = Batcher(len(shard), local_batch, optim.seed + rank)
+    start = resume["step"] if resume else 0
+    batcher.skip(start)
+    skipped = resume.get("skipped", 0) if resume else 0
+    best = resume.get("best") if resume else None
+    best_state = load_tensors(ckpt_dir / "best.safetensors") if (resume and best is not None) else None
+    val_metrics: dict[str, float] = dict(resume.get("val", {})) if resume else {}
+
+    use_amp = device.type == "cuda" and optim.mixed_precision
+    amp_dtype = torch.bfloat16 if (use_amp and torch.cuda.is_bf16_supported()) else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if (use_amp and amp_dtype == torch.float16) else None
+
+    every = cfg.progress_every or max(1, optim.steps // 20)
+    t_task = time.perf_counter()
+    train_time, timed_images, window_t, window_steps = 0.0, 0, time.perf_counter(), 0
+    last: dict[str, float] = {}
+
+    def validate() -> None:
+        nonlocal best, best_state
+        if task.validate is None or rank != 0:
+            return
+        x_val, p_val = data(task, "val")
+        ema.model.eval()
+        with torch.no_grad():
+            res = task.validate(ema.model, x_val, p_val, device)
+        val_metrics.update(res)
+        tracker.add(prefix + "val_", res, step)
+        if task.select is not None:
+            value = res[task.select]
+            if best is None or value < best:
+                best, best_state = value, cpu_state(ema.model)
+        say(f"[{task.name}] validation at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in res.items()))
+
+    def checkpoint(step_done: int) -> None:
+        directory = Path(tempfile.mkdtemp(prefix="cxrcf-ckpt-"))
+        if rank == 0:
+            save_tensors(cpu_state(model), directory / "model.safetensors")
+            save_tensors(cpu_state(ema.model), directory / "ema.safetensors")
+            if best_state is not None:
+                save_tensors(best_state, directory / "best.safetensors")
+            groups = optimizer_to_files(opt, directory)
+            _write_finals(directory, finished_weights)
+            state = {"task": index, "step": step_done, "skipped": skipped, "best": best, "val": val_metrics,
+                     "ema_updates": ema.updates,
+                     "optimizer": groups, "finished": finished_metrics,
+                     "extra": objective.extra_state() if hasattr(objective, "extra_state") else {}}
+            (directory / "state.json").write_text(json.dumps(state))
+        tracker.flush()
+        ray.train.report({"task": index, "step": step_done, **{f"{prefix}{k}": v for k, v in last.items()}},
+                         checkpoint=ray.train.Checkpoint.from_directory(str(directory)) if rank == 0 else None)
+        shutil.rmtree(directory, ignore_errors=True)
+
+    wrapped.train()
+    step = start
+    while step < optim.steps:
+        if cfg.fault_at_step is not None and step == cfg.fault_at_step and rank == world - 1 and index == 0:
+            marker = Path(cfg.fault_marker)
+            if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"killed at step {step}\n")
+                say(f"fault injection: rank {rank} exits at step {step}")
+                # The controller registers reported checkpoints when it polls the workers; waiting a
+                # few polls makes the test's "resume from the last checkpoint" independent of timing.
+                time.sleep(1.0 + 3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+                os._exit(1)
+        t0 = time.perf_counter()
+        idx = shard[batcher.next()]
+        x = x_train[idx].to(device, non_blocking=True)
+        parents = {k: v[idx].to(device, non_blocking=True) for k, v in p_train.items()}
+        for group in opt.param_groups:
+            group["lr"] = warmup_lr(optim, step)
+        rng = step_rng(optim.seed, step, rank, device)
+        with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
+            out = wrapped(x, parents, rng)
+        grad_norm, applied = optimizer_step(out["loss"], opt, params, optim, scaler)
+        if applied:
+            ema.update(model)
+        else:
+            skipped += 1
+        keys = list(out)
+        averaged = _average([float(out[k].detach()) for k in keys], world)
+        last = dict(zip(keys, averaged))
+        if hasattr(objective, "after_step"):
+            objective.after_step(last)
+            if hasattr(objective, "extra_state"):
+                last.update(objective.extra_state())
+        last["grad_norm"] = float(grad_norm)
+        step += 1
+        dt = time.perf_counter() - t0
+        # The first steps pay for lazy initialisation; leave them out of the throughput figure.
+        if step - start > 3:
+            train_time += dt
+            timed_images += optim.batch_size
+        window_steps += 1
+        tracker.add(prefix, {**last, "lr": opt.param_groups[0]["lr"], "skipped": skipped}, step)
+        if rank == 0 and (step % every == 0 or step == optim.steps):
+            now = time.perf_counter()
+            ips = optim.batch_size * window_steps / max(now - window_t, 1e-9)
+            eta = (optim.steps - step) * (now - window_t) / max(window_steps, 1)
+            shown = {k: v for k, v in last.items() if k != "grad_norm"}
+            say(format_progress(task.name, step, optim.steps, shown, ips, eta))
+            window_t, window_steps = now, 0
+            tracker.flush()
+        if step % optim.val_every == 0 or step == optim.steps:
+            validate()
+            wrapped.train()
+        if step % optim.checkpoint_every == 0 and step < optim.steps:
+            checkpoint(step)
+
+    metrics = {f"train_{k}": v for k, v in last.items()}
+    metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
+    if task.select is not None and best is not None:
+        metrics[f"best_{task.select}"] = best
+    metrics.update({"steps": float(optim.steps), "skipped_updates": float(skipped), "resumed_step": float(start),
+                    "images_per_s": timed_images / train_time if train_time > 0 else float("nan"),
+                    "wall_s": time.perf_counter() - t_task})
+    weights = best_state if (task.select is not None and best_state is not None) else cpu_state(ema.model)
+    tracker.add(prefix, {k: v for k, v in metrics.items() if k.startswith(("images_per_s", "skipped"))}, step)
+    tracker.flush()
+    return weights, metrics
+
+
+# ------------------------------------------------------------------------------------- the driver
+def ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+
+
+def unique_name(phase: str) -> str:
+    import uuid
+
+    return f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def fit(cfg: LoopConfig, ray_cfg: RayConfig, phase: str, run_name: str | None = None) -> FitResult:
+    """One TorchTrainer.fit() for all of `cfg.tasks`; returns the exported weights and metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from cxrcf.errors import CxrcfError
+
+    ensure_ray()
+    storage = str(Path(ray_cfg.storage_path).expanduser().resolve())
+    Path(storage).mkdir(parents=True, exist_ok=True)
+    name = run_name or unique_name(phase)
+    trainer = TorchTrainer(
+        train_loop_per_worker=worker_main,
+        train_loop_config={"loop": cfg},
+        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
+                                     resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        raise CxrcfError(f"train {phase}: Ray Train run {name} failed: {err}") from err
+    if result.checkpoint is None:
+        raise CxrcfError(f"train {phase}: Ray Train run {name} ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / "state.json").read_text())
+        weights = {t: load_tensors(Path(d) / "final" / f"{t}.safetensors") for t in state["finished"]}
+    return FitResult(weights=weights, metrics=state["finished"], run_name=name, storage_path=storage)

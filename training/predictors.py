@@ -1,0 +1,98 @@
+"""Phase `predictors`: the guidance predictor (frozen inside CFT) and the independent evaluation
+predictor (different seed, and in the cpu/paper presets a different architecture), trained one
+after the other inside ONE TorchTrainer fit so the workers start once."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TASKS = ("guidance", "evaluation")
+
+
+class PredictorObjective(nn.Module):
+    def __init__(self, arch):
+        super().__init__()
+        from cxrcf.predictor import Predictor
+
+        self.model = Predictor(arch)
+
+    def forward(self, x, parents, rng):
+        from cxrcf.predictor import predictor_loss
+
+        # The age head is trained on the true finding label, as the contract prescribes.
+        loss, parts = predictor_loss(self.model(x, finding=parents["finding"].float()), parents)
+        return {"loss": loss, **parts}
+
+
+def build_objective(arch) -> PredictorObjective:
+    return PredictorObjective(arch)
+
+
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mann-Whitney AUC with average ranks for ties; NaN when only one class is present."""
+    scores, labels = scores.double().flatten(), labels.flatten().bool()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = torch.argsort(scores)
+    sorted_scores = scores[order]
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    avg = ends - (counts.double() - 1) / 2  # mean rank of each tie group
+    ranks[order] = avg[inverse]
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def predictor_metrics(probs: dict[str, torch.Tensor], parents: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Validation metrics from `Predictor.predict` outputs against the true parents."""
+    out = {}
+    for attr in ("sex", "finding"):
+        y = parents[attr].float().cpu()
+        p = probs[attr].float().cpu()
+        out[f"{attr}_auc"] = roc_auc(p, y)
+        out[f"{attr}_acc"] = float(((p > 0.5).float() == y).float().mean())
+    out["race_acc"] = float((probs["race"].argmax(-1).cpu() == parents["race"].long().cpu()).float().mean())
+    out["age_mae"] = float((probs["age"].float().cpu() - parents["age"].float().cpu()).abs().mean())
+    return out
+
+
+def validate_predictor(model, x, parents, device) -> dict[str, float]:
+    from training.common import batched
+
+    chunks = batched(lambda xc, pc: {k: v.cpu() for k, v in model.predict(xc).items()}, x, parents, device)
+    probs = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+    return predictor_metrics(probs, parents)
+
+
+def make_tasks(params, data_root):
+    from training.common import loader
+    from training.loop import Task
+
+    tasks = []
+    for name in TASKS:
+        cfg = getattr(params.predictors, name)
+        tasks.append(Task(name=name, optim=cfg.optim, build=functools.partial(build_objective, cfg.arch),
+                          data=loader(data_root, cfg.arch.resolution), validate=validate_predictor))
+    return tasks
+
+
+def train_predictors(params, data_root, out_guidance, out_evaluation, metrics_file=None) -> dict:
+    from cxrcf.predictor import Predictor
+    from training.common import finish, run_fit, write_model
+
+    result, run_id = run_fit(params, "predictors", make_tasks(params, data_root))
+    outs = {"guidance": Path(out_guidance), "evaluation": Path(out_evaluation)}
+    metrics = {}
+    for name, out_dir in outs.items():
+        model = Predictor(getattr(params.predictors, name).arch)
+        model.load_state_dict(result.weights[name])
+        write_model(model, out_dir, run_id, result.metrics[name], meta={"role": name, "preset": params.preset})
+        metrics.update({f"{name}_{k}": v for k, v in result.metrics[name].items()})
+    finish(run_id, metrics, metrics_file, {f"model/{name}": d for name, d in outs.items()})
+    return {"run_id": run_id, "metrics": metrics, "out_dir": {k: str(v) for k, v in outs.items()}}
