@@ -3,11 +3,13 @@
 Both sides do the same work per chunk with the same functions (decode -> counterfactual + the
 evaluation predictor before/after -> PNG encode + atomic write + manifest part) over the same
 cpu-preset-sized bundle (random weights: speed does not depend on training) and the same SynthCXR
-images. The plain loop runs the stages one after another in this process with torch's default
-threads; the Ray job runs them as a pipeline on a local cluster of all cores, for each actor count.
+images. The plain loop runs the stages one after another in this process, with 1 torch thread and
+with one per core (the faster is the baseline: on a busy machine extra threads can be far slower);
+the Ray job runs them as a pipeline on a local cluster of all cores, for each actor count.
 CPUs per actor are (cores - 0.5) / actors, leaving half a core to the decode/write tasks.
 
-    python benchmarks/augment_throughput.py [--images 3000] [--actors 1,2] [--out artifacts/bench/augment_throughput.json]
+    python benchmarks/augment_throughput.py [--images 3000] [--actors 1,2]
+        [--out artifacts/bench/augment_throughput.json]
 
 Throughput counts from the start of the job (actor start-up and model loading included) to the last
 image written; `steady_images_per_s` excludes the time to the first finished chunk.
@@ -83,7 +85,8 @@ def plain_loop(params, data: Path, plan_path: Path, bundle_dir: Path, out: Path,
     actor = Counterfactualizer(model_ref, t_u, num_threads=threads, use_gpu=False, env={})
     first = None
     for c in chunks:
-        row = decode_chunk({"chunk": c.index, "items": _items_payload(c), "seed": chunk_seed(seed, c)}, resolution)
+        row = {"chunk": c.index, "items": _items_payload(c), "seed": chunk_seed(seed, c)}
+        row = decode_chunk(row, resolution)
         batch = {k: v[None] if isinstance(v, np.ndarray) else np.array([v], dtype=object)
                  for k, v in row.items()}
         res = actor(batch)
@@ -92,7 +95,8 @@ def plain_loop(params, data: Path, plan_path: Path, bundle_dir: Path, out: Path,
     end = time.perf_counter()
     n = sum(len(c.items) for c in chunks)
     first_chunk = len(chunks[0].items)
-    return {"images": n, "threads": threads, "seconds": round(end - t0, 3), "images_per_s": round(n / (end - t0), 2),
+    return {"images": n, "threads": threads, "seconds": round(end - t0, 3),
+            "images_per_s": round(n / (end - t0), 2),
             "steady_images_per_s": round((n - first_chunk) / (end - first), 2) if end > first else None}
 
 
@@ -139,10 +143,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--actors", default=None, help="comma-separated actor counts (default: 1 up to the cores)")
+    ap.add_argument("--actors", default=None,
+                    help="comma-separated actor counts (default: 1 up to the cores)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's augment.batch_size")
-    ap.add_argument("--plain-threads", type=int, default=None,
-                    help="torch threads of the plain loop (default: one per core, torch's own default)")
+    ap.add_argument("--plain-threads", default=None,
+                    help="comma-separated torch thread counts for the plain loop; the fastest is "
+                         "the baseline "
+                         "(default: 1 and one per core)")
     ap.add_argument("--out", default="artifacts/bench/augment_throughput.json")
     ap.add_argument("--workdir", default=None, help="keep inputs/outputs here (default: a temporary folder)")
     args = ap.parse_args(argv)
@@ -164,9 +171,15 @@ def main(argv=None) -> int:
         plan = work / "plan.yaml"
         plan.write_text(yaml.safe_dump({"kind": "flip", "attributes": ["sex"]}))
 
-        print("plain loop ...", flush=True)
-        plain = plain_loop(params, data, plan, bundle_dir, work / "out-plain", args.plain_threads or cores)
-        print(f"  {plain}", flush=True)
+        threads = ([int(t) for t in args.plain_threads.split(",")] if args.plain_threads
+                   else sorted({1, cores}))
+        plains = []
+        for t in threads:
+            shutil.rmtree(work / "out-plain", ignore_errors=True)
+            print(f"plain loop, {t} torch thread(s) ...", flush=True)
+            plains.append(plain_loop(params, data, plan, bundle_dir, work / "out-plain", t))
+            print(f"  {plains[-1]}", flush=True)
+        plain = max(plains, key=lambda r: r["images_per_s"])
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
         runs = []
         for n in actors:
@@ -184,6 +197,7 @@ def main(argv=None) -> int:
             "batch_size": params.augment.batch_size,
             "cores": cores,
             "plain_loop": plain,
+            "plain_loop_by_threads": plains,
             "ray_data": runs,
             "best_ray_actors": best["actors"],
             "ratio_best_to_plain": round(best["images_per_s"] / plain["images_per_s"], 3),

@@ -59,6 +59,17 @@ def plain_pytorch(task, steps: int, threads: int) -> float:
     return images / timed
 
 
+def plain_in_subprocess(data: str, steps: int) -> float:
+    """The plain loop in a fresh process with OMP_NUM_THREADS=1, the environment Ray gives a 1-CPU
+    worker; in this process, thread pools already started (e.g. by data generation) would compete."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, __file__, "--plain-only", "--data", data, "--steps", str(steps)],
+                         env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def ray_train(task, steps: int, workers: int, storage: Path) -> tuple[float, float]:
     """(images/s from the loop's own timing, wall seconds of the whole fit including start-up)."""
     from cxrcf.config import RayConfig
@@ -77,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="dataset root (default: generate 2,000 cpu-preset images)")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     parser.add_argument("--out", default="artifacts/bench/train_scaling.json")
+    parser.add_argument("--plain-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     import ray
@@ -98,9 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"generating {synth.n_images} SynthCXR images at {synth.resolution}px ...", flush=True)
             generate_dataset(data, synth)
         task = make_task(params, data)
+        if args.plain_only:
+            print(plain_pytorch(task, steps, threads=1))
+            return 0
         print("plain PyTorch, 1 process, 1 thread ...", flush=True)
-        plain = plain_pytorch(task, steps, threads=1)
-        print(f"  {plain:.1f} images/s", flush=True)
+        plain_before = plain_in_subprocess(data, steps)
+        print(f"  {plain_before:.1f} images/s", flush=True)
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False)
         try:
             results = {}
@@ -111,11 +126,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {ips:.1f} images/s (fit incl. start-up {wall:.1f}s)", flush=True)
         finally:
             ray.shutdown()
+        # Once more after Ray, so that a change in background load shows up as a spread, not as overhead.
+        print("plain PyTorch again ...", flush=True)
+        plain_after = plain_in_subprocess(data, steps)
+        print(f"  {plain_after:.1f} images/s", flush=True)
     one = results.get("1", {}).get("images_per_s")
+    plain = (plain_before + plain_after) / 2
     report = {
         "benchmark": "train_scaling", "preset": "cpu", "phase": "generator", "steps": steps,
         "global_batch_size": params.generator.optim.batch_size, "resolution": params.generator.arch.resolution,
-        "plain_pytorch_images_per_s": plain, "ray_train": results,
+        "plain_pytorch_images_per_s": plain,
+        "plain_pytorch_runs_images_per_s": [plain_before, plain_after], "ray_train": results,
         "ray_overhead_1_worker": (1 - one / plain) if one else None,
         "speedup_2_workers": (results["2"]["images_per_s"] / one) if (one and "2" in results) else None,
         "overhead_target": 0.10,

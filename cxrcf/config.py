@@ -148,6 +148,7 @@ class EvaluateConfig(Strict):
     t_u: float = Field(1.0, gt=0, le=1)
     extra_t_u: tuple[float, ...] = (0.1,)  # reported beside t_u (SCIENCE.md section 8)
     max_images: int = Field(2000, ge=1)
+    reversibility_images: int = Field(500, ge=1)  # the first N evaluated images also go back to x
     batch_size: int = Field(128, ge=1)
     seed: int = 0
 
@@ -275,20 +276,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"synth": {"n_images": 20000, "resolution": 64}},
         "predictors": {
             "guidance": {"arch": {"kind": "cnn", "resolution": 32, "width": 32},
-                         "optim": _optim(steps=1500, batch_size=64, lr=1e-3, val_every=250,
+                         "optim": _optim(steps=1000, batch_size=64, lr=1e-3, val_every=250,
                                          checkpoint_every=500, seed=1)},
             "evaluation": {"arch": {"kind": "resnet18", "resolution": 32, "width": 16},
-                           "optim": _optim(steps=1500, batch_size=64, lr=1e-3, val_every=250,
-                                           checkpoint_every=500, seed=2)},
+                           "optim": _optim(steps=800, batch_size=64, lr=1e-3, val_every=200,
+                                           checkpoint_every=400, seed=2)},
         },
         "scm": {"steps": 2000},
         "generator": {
             "arch": dict(resolution=32, enc_arch="32b1d2,16b2d2,8b2d8,1b1", dec_arch="1b1,8b2,16b2,32b1",
-                         widths=(32, 64, 64, 128), z_dim=8, bottleneck=4, z_max_res=16),
+                         widths=(16, 32, 48, 64), z_dim=8, bottleneck=4, z_max_res=16),
             "beta": 4.0,
-            "optim": _optim(steps=3000, batch_size=64, lr=1e-3, val_every=500, checkpoint_every=500),
+            "optim": _optim(steps=3000, batch_size=32, lr=1e-3, val_every=500, checkpoint_every=500),
         },
-        "cft": {"optim": _optim(steps=1500, batch_size=32, lr=3e-4, warmup_steps=0, val_every=500,
+        "cft": {"optim": _optim(steps=1000, batch_size=32, lr=3e-4, warmup_steps=0, val_every=250,
                                 checkpoint_every=500), "slack": 0.02},
     },
     "paper": {

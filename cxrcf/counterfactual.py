@@ -35,3 +35,26 @@ def counterfactual(hvae, x: torch.Tensor, ctx: torch.Tensor, ctx_star: torch.Ten
     if particles > 1:
         x_star = x_star.unflatten(0, (particles, n)).mean(0)
     return x_star.contiguous()
+
+
+def counterfactuals_shared(hvae, x: torch.Tensor, ctx: torch.Tensor, ctx_stars: list[torch.Tensor],
+                           t_us: tuple[float, ...] = (1.0,), generator: torch.Generator | None = None
+                           ) -> list[list[torch.Tensor]]:
+    """x* for several interventions and t_u values from ONE abduction of x (one particle).
+
+    `result[i][j]` is the counterfactual to `ctx_stars[i]` at `t_us[j]`; each equals `counterfactual`
+    given the same abducted latents. Sharing the abduction makes evaluation several times cheaper and
+    compares interventions and t_u values on the same exogenous noise of each image.
+    """
+    if any(t < 0 for t in t_us):
+        raise CxrcfError(f"t_u: must be non-negative, got {list(t_us)}")
+    latents, (loc, logscale) = hvae.abduct_with_pixels(x, ctx, generator=generator)
+    u = (x - loc) * torch.exp(-logscale)
+    out = []
+    for ctx_star in ctx_stars:
+        if ctx_star.shape != ctx.shape:
+            raise CxrcfError(f"ctx_star: shape {tuple(ctx_star.shape)} differs from ctx {tuple(ctx.shape)}")
+        loc_star, logscale_star = hvae.decode(latents, ctx_star)
+        scale_star = torch.exp(logscale_star)
+        out.append([(loc_star + t * scale_star * u).clamp(-1.0, 1.0).contiguous() for t in t_us])
+    return out

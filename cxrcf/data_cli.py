@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check every image and metadata row")
     v.add_argument("--data", default="data")
+    v.add_argument("--out", default=None, help="also write the report as JSON (a DVC metric)")
 
     y = sub.add_parser("summary", help="counts per split and subgroup, age statistics, finding rate by age")
     y.add_argument("--data", default="data")
@@ -79,6 +80,10 @@ def _validate(args) -> int:
     from cxrcf.data import validate_dataset
 
     report = validate_dataset(args.data)
+    if args.out and report["ok"]:
+        from cxrcf.fileio import write_json
+
+        write_json(args.out, {"ok": True, "n_images": report["n_images"], "counts": report["counts"]})
     if report["ok"]:
         counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
         print(f"{args.data}: ok, {report['n_images']} images ({counts})")

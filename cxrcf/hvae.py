@@ -231,7 +231,7 @@ class Decoder(nn.Module):
         priors: list[tuple[torch.Tensor, torch.Tensor]] = []
         kl = ctx.new_zeros(n)
         j = 0
-        for i, blk in enumerate(self.blocks):
+        for blk in self.blocks:
             res = blk.res
             if h.shape[-1] < res:
                 b = self.bias[str(res)]
@@ -313,7 +313,7 @@ class HVAE(nn.Module):
         loc, logscale = self._pixel_params(h)
         nll = discretized_gaussian_nll(x, loc, logscale).mean()
         kl = kl.mean() / x[0].numel()
-        return dict(loss=nll + beta * kl, nll=nll, kl=kl, nelbo=nll + kl)
+        return {"loss": nll + beta * kl, "nll": nll, "kl": kl, "nelbo": nll + kl}
 
     def abduct(self, x: torch.Tensor, ctx: torch.Tensor, t: float | None = None,
                generator: torch.Generator | None = None) -> list[torch.Tensor]:

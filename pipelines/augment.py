@@ -17,6 +17,14 @@ Output folder:
     manifest.csv    one row per generated image, in plan order (written at the end)
     errors.csv      item, source, file, reason for every input that could not be used
     summary.json    images written / skipped / failed, throughput
+manifest.csv and errors.csv together hold exactly one row per planned item.
+
+Manifest columns: id (deterministic from source id + intervention), path (relative to the output
+folder), source_id, subject_id, split (the source's), intervention (JSON), sex/race/age/finding (the
+parents after the intervention, through the bundle's SCM: do(age) recomputes finding), source_* (the
+factual parents), model_name, model_version (registry version, or `dir-sha256:` of a bundle folder),
+t_u, seed, chunk, p_before_*/p_after_* (the evaluation predictor's P(female), P(race), P(effusion)
+on the source and on the counterfactual), pred_age_before/pred_age_after (its age, years).
 
 A rerun with the same arguments skips chunks whose part and images exist (chunks with errors are
 retried) and reproduces the others exactly: each chunk's sampling seed derives from the plan seed
@@ -98,7 +106,11 @@ def decode_chunk(row: dict, resolution: int) -> dict:
     pixels, errors = [], []
     for it in items:
         try:
-            pixels.append(read_image(Path(it["path"])))
+            image = read_image(Path(it["path"]))
+            if image.shape[0] != image.shape[1]:
+                height, width = image.shape
+                raise CxrcfError(f"{it['path']}: image is {width}x{height}, expected a square")
+            pixels.append(image)
         except CxrcfError as err:
             reason = str(err).removeprefix(f"{it['path']}: ")
             errors.append({"item": it["id"], "source": it["source_id"], "file": it["path"], "reason": reason})
@@ -231,7 +243,8 @@ MANIFEST_COLUMNS = (
     + [f"source_{a}" for a in ("sex", "race", "age", "finding")]
     + ["model_name", "model_version", "t_u", "seed", "chunk"]
     + [f"p_{when}_{k}" for when in ("before", "after")
-       for k in ("sex", "race_white", "race_asian", "race_black", "finding", "age")]
+       for k in ("sex", "race_white", "race_asian", "race_black", "finding")]
+    + ["pred_age_before", "pred_age_after"]
 )
 ERROR_COLUMNS = ["item", "source", "file", "reason"]
 
@@ -243,7 +256,7 @@ def manifest_row(it: dict, rel: str, r: dict, model: dict, t_u: float, seed: int
     row.update({"model_name": model["name"], "model_version": model["version"], "t_u": t_u, "seed": seed,
                 "chunk": chunk})
     for when in ("before", "after"):
-        row.update({f"p_{when}_{k}": v for k, v in r[when].items()})
+        row.update({f"p_{when}_{k}" if k != "age" else f"pred_age_{when}": v for k, v in r[when].items()})
     return {c: row[c] for c in MANIFEST_COLUMNS}
 
 
@@ -294,8 +307,9 @@ class RunFolder:
                 raise CxrcfError(f"{path}: unreadable run record; use a new --out folder") from None
             if old.get("fingerprint") != fingerprint:
                 old_inputs = old.get("inputs") or {}
-                differ = sorted(k for k in set(inputs) | set(old_inputs) if inputs.get(k) != old_inputs.get(k))
-                raise CxrcfError(f"--out {self.root}: holds a run with different {', '.join(differ) or 'inputs'}; "
+                differ = sorted(k for k in set(inputs) | set(old_inputs)
+                                if inputs.get(k) != old_inputs.get(k)) or ["inputs"]
+                raise CxrcfError(f"--out {self.root}: holds a run with different {', '.join(differ)}; "
                                  "use a new --out folder (or delete this one) to start another run")
         else:
             write_json(path, {"fingerprint": fingerprint, "inputs": inputs})
@@ -432,6 +446,7 @@ def _execute(pending, folder, model_ref, model, resolution, t_u, seed, cfg, bar)
     try:
         import logging
 
+        _check_resources(ray.cluster_resources(), cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # our own line reports images, not blocks
         ctx.print_on_execution_start = False
@@ -449,7 +464,8 @@ def _execute(pending, folder, model_ref, model, resolution, t_u, seed, cfg, bar)
         # Each chunk's decode or write is small next to its model call: a few task workers keep the
         # actors fed, and every extra one is another Python process to start.
         io_pool = ray.data.TaskPoolStrategy(size=cfg.num_actors + 1)
-        ds = ds.map(decode_chunk, fn_kwargs={"resolution": resolution}, num_cpus=IO_TASK_CPUS, compute=io_pool)
+        ds = ds.map(decode_chunk, fn_kwargs={"resolution": resolution}, num_cpus=IO_TASK_CPUS,
+                    compute=io_pool)
         ds = ds.map_batches(
             Counterfactualizer,
             fn_constructor_kwargs={"model_ref": model_ref, "t_u": t_u, "use_gpu": use_gpu, "env": env,
@@ -468,6 +484,19 @@ def _execute(pending, folder, model_ref, model, resolution, t_u, seed, cfg, bar)
             ray.shutdown()
 
 
+def _check_resources(available: dict, cfg) -> None:
+    """Refuse an actor pool the cluster cannot hold: Ray Data would wait for it forever."""
+    cpus = cfg.num_actors * cfg.num_cpus_per_actor + IO_TASK_CPUS
+    if cpus > available.get("CPU", 0) + 1e-9:
+        raise CxrcfError(f"augment.num_actors x augment.num_cpus_per_actor = {cfg.num_actors} x "
+                         f"{cfg.num_cpus_per_actor:g} CPUs, plus {IO_TASK_CPUS:g} for reading/writing, "
+                         f"exceeds the cluster's {available.get('CPU', 0):g} CPUs")
+    gpus = cfg.num_actors * cfg.num_gpus_per_actor
+    if gpus > available.get("GPU", 0) + 1e-9:
+        raise CxrcfError(f"augment.num_actors x augment.num_gpus_per_actor = {gpus:g} GPUs, "
+                         f"but the cluster has {available.get('GPU', 0):g}")
+
+
 def _finish(folder, chunks, items, skipped, elapsed, model, t_u, seed, cfg, stream) -> dict:
     import pandas as pd
 
@@ -477,7 +506,8 @@ def _finish(folder, chunks, items, skipped, elapsed, model, t_u, seed, cfg, stre
     for c in chunks:
         part = folder.read_part(c)
         if part is None:
-            raise CxrcfError(f"{folder.part_path(c)}: missing after the job; rerun the same command to finish")
+            raise CxrcfError(f"{folder.part_path(c)}: missing after the job; "
+                             "rerun the same command to finish")
         rows += part["rows"]
         errors += part["errors"]
     seen = [r["id"] for r in rows] + [e["item"] for e in errors]
@@ -498,7 +528,8 @@ def _finish(folder, chunks, items, skipped, elapsed, model, t_u, seed, cfg, stre
     }
     write_json(folder.root / "summary.json", summary)
     print(f"augment: done: {written} written, {skipped} skipped (already done), {len(errors)} failed, "
-          f"{summary['images_per_s'] or 0:.1f} img/s over {elapsed:.1f}s -> {folder.root}", file=stream, flush=True)
+          f"{summary['images_per_s'] or 0:.1f} img/s over {elapsed:.1f}s -> {folder.root}",
+          file=stream, flush=True)
     return summary
 
 

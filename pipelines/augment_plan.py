@@ -33,7 +33,15 @@ from itertools import product
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cxrcf.attributes import ATTRIBUTES, VOCAB, decode, encode
 from cxrcf.errors import CxrcfError
@@ -62,6 +70,12 @@ class FlipPlan(_Plan):
         if len(set(v)) != len(v):
             raise ValueError("attributes must not repeat")
         return v
+
+    @model_validator(mode="after")
+    def _race_to_needs_race(self):
+        if self.race_to is not None and "race" not in self.attributes:
+            raise ValueError("race_to is set but race is not among the attributes to flip")
+        return self
 
 
 class BalancePlan(_Plan):

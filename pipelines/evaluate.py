@@ -15,7 +15,11 @@ it measures, with the independent evaluation predictor:
   counterfactual of each image under the same do (age through its own mechanism), and the report
   holds L1(x*, x*_true), AMP against the truth mean(lo_y(x*) - lo_y(x*_true)) and the truth's own
   effectiveness (which shows when CFT overshoots).
-All of it at `evaluate.t_u`, and again at each `evaluate.extra_t_u` under `extra_t_u.<value>`.
+All of it at `evaluate.t_u`, and again at each `evaluate.extra_t_u` under `extra_t_u.<value>`
+(reversibility at the main t_u only, on the first `evaluate.reversibility_images` images).
+
+Each batch is abducted once (`counterfactual.counterfactuals_shared`) and decoded for every
+intervention and t_u, so all of them are compared on the same exogenous noise of each image.
 """
 
 from __future__ import annotations
@@ -152,11 +156,14 @@ class _Evaluator:
         import torch
 
         from cxrcf.attributes import VOCAB
+        from cxrcf.bundle import GeneratorBundle
         from cxrcf.data import load_split
 
         self.params, self.cfg = params, params.evaluate
         self.device = device
-        self.hvae, self.scm, self.predictor = hvae.to(device), scm, predictor.to(device)
+        # The bundle supplies the predictor's view of an image (resizing to its resolution), as in serving.
+        self.bundle = GeneratorBundle(hvae.cpu(), scm.cpu(), predictor.cpu())
+        self.hvae, self.scm = hvae, scm
         self.resolution = hvae.arch.resolution
         self.groups = {a: VOCAB[a] for a in SCORED}
         data_root = self.data_root = Path(data_root)
@@ -188,6 +195,7 @@ class _Evaluator:
         self.do["null"] = {}
         gen = torch.Generator().manual_seed(self.cfg.seed)
         self.parents_star = {k: self.scm.counterfactual(self.parents, d, generator=gen) for k, d in self.do.items()}
+        self.bundle.to(device)  # after the SCM counterfactuals, whose generator lives on the CPU
         self.parents_np = {a: v.cpu().numpy() for a, v in self.parents.items()}
         self.real_probs = self._predict(self.x)
         self.truth = self._render_truth() if self.has_truth else None
@@ -198,16 +206,6 @@ class _Evaluator:
         for i in range(0, self.n, bs):
             yield slice(i, min(i + bs, self.n))
 
-    def _for_predictor(self, x):
-        import torch.nn.functional as F
-
-        r = self.predictor.arch.resolution
-        if x.shape[-1] == r:
-            return x
-        # Area averaging when shrinking matches data.to_model_images; bilinear when enlarging.
-        mode = "area" if x.shape[-1] > r else "bilinear"
-        return F.interpolate(x, size=(r, r), mode=mode, **({} if mode == "area" else {"align_corners": False}))
-
     def _predict(self, x) -> dict:
         import numpy as np
         import torch
@@ -215,7 +213,7 @@ class _Evaluator:
         chunks = []
         with torch.no_grad():
             for s in self._batches():
-                out = self.predictor.predict(self._for_predictor(x[s].to(self.device)))
+                out = self.bundle.probabilities(x[s])
                 chunks.append({k: v.float().cpu().numpy() for k, v in out.items()})
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
@@ -243,47 +241,67 @@ class _Evaluator:
         return truth
 
     # ---------------------------------------------------------------------------- measurement
-    def measure(self, t_u: float, keep_rows: int = 0, reverse: bool = True) -> tuple[dict, dict, dict]:
-        """(metrics block, predictor outputs on x* per intervention, first `keep_rows` x* images).
+    def measure(self, t_values: list[float], keep_rows: int = 0) -> tuple[dict, dict, dict]:
+        """Every intervention at every t_u from one abduction per batch.
 
-        `reverse=False` skips reversibility (a second counterfactual pass per intervention)."""
+        Returns ({t: metrics block}, predictor outputs on x* per intervention at t_values[0], the
+        first `keep_rows` x* images at t_values[0]). Reversibility (a second abduction, of x*) is
+        measured at t_values[0] on the first `evaluate.reversibility_images` images.
+        """
         import numpy as np
         import torch
-        from cxrcf.counterfactual import counterfactual
 
         from cxrcf.attributes import context
-        from pipelines import metrics as M
+        from cxrcf.counterfactual import counterfactual, counterfactuals_shared
 
-        probs_star, l1_truth, l1_back, kept = {}, {}, {}, {}
+        keys = list(self.parents_star)
+        t_main = t_values[0]
+        n_back = min(self.n, self.cfg.reversibility_images)
+        chunks = {t: {k: [] for k in keys} for t in t_values}
+        diff_x = {t: dict.fromkeys(keys, 0.0) for t in t_values}
+        diff_truth = {t: dict.fromkeys(keys, 0.0) for t in t_values}
+        diff_back = dict.fromkeys(keys, 0.0)
+        kept = {k: [] for k in keys}
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
         t0 = time.perf_counter()
-        for i, (k, pstar) in enumerate(self.parents_star.items()):
-            gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1000 + i)
-            chunks, diff_truth, diff_back, diff_x = [], 0.0, 0.0, 0.0
-            with torch.no_grad():
-                for s in self._batches():
-                    x = self.x[s].to(self.device)
-                    ctx = context({a: v[s] for a, v in self.parents.items()}).to(self.device)
-                    ctx_star = context({a: v[s] for a, v in pstar.items()}).to(self.device)
-                    xs = counterfactual(self.hvae, x, ctx, ctx_star, t_u=t_u, generator=gen)
-                    out = self.predictor.predict(self._for_predictor(xs))
-                    chunks.append({a: v.float().cpu().numpy() for a, v in out.items()})
-                    diff_x += float((xs - x).abs().sum())
-                    if reverse and k != "null":
-                        back = counterfactual(self.hvae, xs, ctx_star, ctx, t_u=t_u, generator=gen)
-                        diff_back += float((back - x).abs().sum())
-                    if self.truth is not None:
-                        diff_truth += float((xs - self.truth[k][s].to(self.device)).abs().sum())
+        with torch.no_grad():
+            for s in self._batches():
+                x = self.x[s].to(self.device)
+                ctx = context({a: v[s] for a, v in self.parents.items()}).to(self.device)
+                ctx_stars = [context({a: v[s] for a, v in self.parents_star[k].items()}).to(self.device)
+                             for k in keys]
+                outs = counterfactuals_shared(self.hvae, x, ctx, ctx_stars, tuple(t_values), generator=gen)
+                for k, ctx_star, per_t in zip(keys, ctx_stars, outs):
+                    for t, xs in zip(t_values, per_t):
+                        out = self.bundle.probabilities(xs)
+                        chunks[t][k].append({a: v.float().cpu().numpy() for a, v in out.items()})
+                        diff_x[t][k] += float((xs - x).abs().sum())
+                        if self.truth is not None:
+                            diff_truth[t][k] += float((xs - self.truth[k][s].to(self.device)).abs().sum())
+                    xs = per_t[0]
+                    if k != "null" and s.start < n_back:
+                        m = min(s.stop, n_back) - s.start
+                        back = counterfactual(self.hvae, xs[:m], ctx_star[:m], ctx[:m], t_u=t_main, generator=gen)
+                        diff_back[k] += float((back - x[:m]).abs().sum())
                     if s.start < keep_rows:
-                        kept.setdefault(k, []).append(xs[: keep_rows - s.start].cpu())
-            pixels = float(self.x[0].numel() * self.n)
-            probs_star[k] = {a: np.concatenate([c[a] for c in chunks]) for a in chunks[0]}
-            l1_back[k] = diff_back / pixels if reverse and k != "null" else float("nan")
-            l1_truth[k] = diff_truth / pixels
-            if k == "null":
-                composition = diff_x / pixels
-            print(f"[evaluate] t_u={t_u:g} do({k}): {self.n} images in {time.perf_counter() - t0:.1f} s",
-                  flush=True)
-        kept = {k: torch.cat(v).numpy() for k, v in kept.items()}
+                        kept[k].append(xs[: keep_rows - s.start].cpu())
+                print(f"[evaluate] {s.stop}/{self.n} images x {len(keys)} interventions x {len(t_values)} t_u "
+                      f"in {time.perf_counter() - t0:.1f} s", flush=True)
+        pixels = float(self.x[0].numel())
+        blocks = {}
+        for t in t_values:
+            probs = {k: {a: np.concatenate([c[a] for c in chunks[t][k]]) for a in chunks[t][k][0]} for k in keys}
+            back = {k: diff_back[k] / (pixels * n_back) for k in INTERVENTIONS} if t == t_main else None
+            blocks[t] = self._block(probs, {k: v / (pixels * self.n) for k, v in diff_x[t].items()},
+                                    {k: v / (pixels * self.n) for k, v in diff_truth[t].items()}, back)
+            if t == t_main:
+                probs_main = probs
+        return blocks, probs_main, {k: torch.cat(v).numpy() for k, v in kept.items() if v}
+
+    def _block(self, probs_star: dict, l1_x: dict, l1_truth: dict, l1_back: dict | None) -> dict:
+        import numpy as np
+
+        from pipelines import metrics as M
 
         targets = {k: {a: v.cpu().numpy() for a, v in p.items()} for k, p in self.parents_star.items()}
         real_eff = {k: _effectiveness(self.real_probs, self.parents_np, k) for k in INTERVENTIONS}
@@ -296,15 +314,17 @@ class _Evaluator:
         block["amplification"]["null"] = {
             j: M.amplification(self.real_probs[j], probs_star["null"][j], self.parents_np[j], self.groups[j])
             for j in SCORED}
-        block["composition_l1"] = composition
-        if reverse:
-            block["reversibility_l1"] = float(np.mean([l1_back[k] for k in INTERVENTIONS]))
-            block["reversibility"] = {k: l1_back[k] for k in INTERVENTIONS}
+        block["composition_l1"] = l1_x["null"]
+        block["effectiveness_mean_auc"] = _headline_auc(block["effectiveness"])
+        if l1_back is not None:
+            block["reversibility_l1"] = float(np.mean(list(l1_back.values())))
+            block["reversibility"] = l1_back
         if self.truth is not None:
             gt = _amp_block({(j, k): (self.truth_probs[k][j], probs_star[k][j]) for j, k in pairs},
                             self.parents_np, self.groups)
             true_shift = _amp_block({(j, k): (self.real_probs[j], self.truth_probs[k][j]) for j, k in pairs},
                                     self.parents_np, self.groups)
+            truth_eff = {k: _effectiveness(self.truth_probs[k], targets[k], k) for k in INTERVENTIONS}
             block["ground_truth"] = {
                 "cf_l1": float(np.mean([l1_truth[k] for k in INTERVENTIONS])),
                 "cf_l1_per_intervention": l1_truth,
@@ -313,9 +333,10 @@ class _Evaluator:
                 # What the predictor's beliefs do between x and the TRUE counterfactual (the floor a
                 # perfect generator would reach on this predictor).
                 "true_amplification": true_shift["amplification"],
-                "effectiveness": {k: _effectiveness(self.truth_probs[k], targets[k], k) for k in INTERVENTIONS},
+                "effectiveness": truth_eff,
+                "effectiveness_mean_auc": _headline_auc(truth_eff),
             }
-        return block, probs_star, kept
+        return block
 
 
 def _headline_auc(effectiveness: dict) -> float:
@@ -404,23 +425,17 @@ def evaluate_generator(params, data_root, generator_dir, scm_dir, predictor_dir,
     print(f"[evaluate] {name}: {ev.n} test images, {len(ev.do)} interventions, t_u={params.evaluate.t_u:g}"
           f"{' + ' + ','.join(f'{t:g}' for t in params.evaluate.extra_t_u) if params.evaluate.extra_t_u else ''}"
           f", ground truth {'yes' if ev.has_truth else 'no'}, device {device}", flush=True)
-    block, probs_star, kept = ev.measure(params.evaluate.t_u, keep_rows=GRID_ROWS)
+    t_values = [params.evaluate.t_u] + [t for t in dict.fromkeys(params.evaluate.extra_t_u)
+                                        if t != params.evaluate.t_u]
+    blocks, probs_star, kept = ev.measure(t_values, keep_rows=GRID_ROWS)
     result = {"name": name, "generator": source, "n_images": ev.n, "t_u": params.evaluate.t_u,
-              "seed": params.evaluate.seed, "interventions": {
+              "seed": params.evaluate.seed, "reversibility_images": min(ev.n, params.evaluate.reversibility_images),
+              "interventions": {
                   "sex": "flip", "finding": "flip", "race": "a different race, seeded",
                   "age": "seeded permutation of the test ages (finding follows through the SCM)"},
-              **block}
-    result["effectiveness_mean_auc"] = _headline_auc(block["effectiveness"])
-    if "ground_truth" in block:
-        block["ground_truth"]["effectiveness_mean_auc"] = _headline_auc(block["ground_truth"]["effectiveness"])
-    result["extra_t_u"] = {}
-    for t in params.evaluate.extra_t_u:
-        if t == params.evaluate.t_u:
-            continue
-        # Reversibility is reported at the main t_u only; it would double the cost of each extra t_u.
-        extra, _, _ = ev.measure(t, reverse=False)
-        extra["effectiveness_mean_auc"] = _headline_auc(extra["effectiveness"])
-        result["extra_t_u"][f"{t:g}"] = extra
+              **blocks[params.evaluate.t_u]}
+    # The same abducted noise serves every t_u, so the extra values differ from the main one by t_u alone.
+    result["extra_t_u"] = {f"{t:g}": blocks[t] for t in t_values[1:]}
     result["seconds"] = time.perf_counter() - t0
     result = _clean(result)
     out_json = Path(out_json)

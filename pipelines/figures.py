@@ -45,7 +45,8 @@ def amplification_scatter(k: str, panels: list[dict], path: str | Path, title: s
     moved; for binary j, amplification pushes class 1 up and class 0 down.
     """
     plt = _plt()
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.4 * max(1, len(panels)), 4.2), squeeze=False,
+                             layout="constrained")
     for ax, panel in zip(axes[0], panels):
         before, after = np.asarray(panel["before"]), np.asarray(panel["after"])
         labels = np.asarray(panel["labels"]).astype(int)

@@ -45,6 +45,15 @@ def _pm(block: dict | None) -> str:
     return f"{_f(block.get('mean'), signed=True)} ± {_f(block.get('stderr'))}"
 
 
+def _pairs(evals: dict) -> list[str]:
+    """Pair keys in the evaluation's order (by intervention), any others after them."""
+    from pipelines.evaluate import amplification_pairs, pair_key
+
+    present = list(next(iter(evals.values()))["amplification"]["pairs"])
+    ordered = [pair_key(j, k) for j, k in amplification_pairs() if pair_key(j, k) in present]
+    return ordered + [p for p in present if p not in ordered]
+
+
 def load_evals(eval_dir: Path) -> dict[str, dict]:
     evals = {}
     for mode in MODES:
@@ -83,7 +92,7 @@ def _effectiveness_table(evals: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def _amplification_table(evals: dict) -> tuple[list[str], list[list[str]]]:
-    pairs = list(next(iter(evals.values()))["amplification"]["pairs"])
+    pairs = _pairs(evals)
     ratio = "hard" in evals and "soft" in evals
     header = ["AMP(j | do k)"] + [f"{m}" for m in evals] + (["soft / hard"] if ratio else [])
 
@@ -112,7 +121,8 @@ def _subgroup_table(evals: dict) -> tuple[list[str], list[list[str]]]:
     first = next(iter(evals.values()))
     header = ["pair", "subgroup of j", "n"] + list(evals)
     rows = []
-    for key, block in first["amplification"]["pairs"].items():
+    for key in _pairs(evals):
+        block = first["amplification"]["pairs"][key]
         for group, g in block["subgroups"].items():
             rows.append([key, group, str(g.get("n", "-"))]
                         + [_pm(_get(e, "amplification.pairs")[key]["subgroups"].get(group)) for e in evals.values()])
@@ -138,7 +148,7 @@ def _extra_tu_table(evals: dict) -> tuple[list[str], list[list[str]]] | None:
     header = ["t_u", "mode", "AMP mean", "drift", "composition L1", "mean AUC", "GT L1"]
     rows = []
     for mode, e in evals.items():
-        rows.append([_f(e.get("t_u"), 2), mode, _pm(e["amplification"]), _f(_get(e, "drift.mean")),
+        rows.append([f"{e.get('t_u'):g}" if isinstance(e.get("t_u"), (int, float)) else "-", mode, _pm(e["amplification"]), _f(_get(e, "drift.mean")),
                      _f(e.get("composition_l1")), _f(e.get("effectiveness_mean_auc")), _f(_get(e, "ground_truth.cf_l1"))])
         for t in values:
             x = (e.get("extra_t_u") or {}).get(t)
@@ -295,7 +305,7 @@ def to_html(elements: list, root: Path) -> str:
 def _bars(evals: dict, path: Path) -> None:
     from pipelines.figures import amplification_bars
 
-    pairs = list(next(iter(evals.values()))["amplification"]["pairs"])
+    pairs = _pairs(evals)
     modes = {m: ([e["amplification"]["pairs"][p]["mean"] for p in pairs],
                  [e["amplification"]["pairs"][p]["stderr"] for p in pairs]) for m, e in evals.items()}
     amplification_bars(pairs, modes, path)

@@ -162,12 +162,17 @@ def run_study(params, data_root, generator_dir, guidance_dir, scm_dir, predictor
     study = write_outputs(out, aggregate(_load_json(none_json), runs))
     for slack, claim in study["claims"].items():
         verdict = {True: "holds", False: "does NOT hold", None: "no verdict (hard does not amplify measurably)"}
-        print(f"[study] slack {slack}: hard-none {claim['hard_minus_none']:+.3f} (2se "
-              f"{2 * claim['hard_minus_none_stderr']:.3f}), soft/hard {claim['soft_over_hard']}, "
-              f"max AUC gap {claim['max_auc_gap_points']} pts: claim {verdict[claim['claim_holds']]}", flush=True)
+        print(f"[study] slack {slack}: hard - none {_fmt(claim['hard_minus_none'], '+.3f')} (2 stderr "
+              f"{_fmt(2 * claim['hard_minus_none_stderr'])}), soft/hard {_fmt(claim['soft_over_hard'], '.2f')}, "
+              f"max AUC gap {_fmt(claim['max_auc_gap_points'], '.1f')} points: claim {verdict[claim['claim_holds']]}",
+              flush=True)
     print(f"[study] wrote {out / 'study.json'} and {out / 'study_curve.png'} "
           f"in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     return study
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec)
 
 
 def main(argv: list[str]) -> int:

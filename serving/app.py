@@ -1,14 +1,20 @@
-"""The Ray Serve application: a FastAPI ingress in front of a batching model deployment.
+"""The Ray Serve application: one deployment, a FastAPI ingress with a batching model inside.
 
-    client --HTTP--> CounterfactualAPI (validate, decode PNG, auth) --handle--> CounterfactualModel
-                                                                              @serve.batch -> engine.run_batch
+    client --HTTP--> Serve proxy --> CounterfactualService replica
+                                     route: auth, parse, validate, decode PNG  (every request alone)
+                                     @serve.batch `batched`: engine.run_batch  (one forward pass per batch)
 
-- The ingress parses and validates every request (pydantic schemas, image codec, limits) so that
-  nothing a client sends reaches the batch; its user_config holds the API-key digests and limits.
-- The model deployment loads `models:/<name>@<alias>` (or a pinned version), batches requests with
-  `@serve.batch` (max_batch_size / batch_wait_timeout_s from its user_config, changeable at run time
-  through `reconfigure`), and runs one batched forward pass per batch in a worker thread so the
-  event loop keeps queueing the next batch meanwhile.
+- Routes parse and validate every request (pydantic schemas, image codec, limits) so that nothing a
+  client sends can fail a batch; only then do they await the `@serve.batch` method, which runs one
+  batched forward pass in a worker thread so the event loop keeps accepting and queueing requests.
+- One deployment rather than an ingress plus a model deployment: on a small CPU machine the extra
+  actor hop per request cost more than the batching saved. Replicas (fixed or autoscaled) and
+  `num_gpus` per replica scale the whole service; on GPU the pass runs under bf16 autocast.
+- Run-time settings live in the deployment's user_config and are applied by `reconfigure`:
+  max_batch_size, batch_wait_timeout_s, reload_poll_s, body and intervention limits, and the
+  SHA-256 digests of the API keys. Serve applies a user_config change in place for config-file
+  deployments (`serve deploy`); a `serve.run` redeploy (what `cxrcf serve` and the tests do)
+  counts as new code in Ray 2.60 and rolls the replicas, which then reconfigure as they start.
 - Hot reload: a replica thread polls the alias every `reload_poll_s`; when it moves, the new version
   is loaded beside the old one and swapped in with one assignment. A batch holds the state it
   started with, so in-flight requests finish on the old version and none is dropped.
@@ -22,12 +28,12 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict
 from ray import serve
@@ -38,8 +44,20 @@ from serving import auth
 from serving.engine import Item, ItemResult, run_batch
 from serving.images import ImageError, decode_png, encode_png, resize_gray
 from serving.schemas import (
-    BatchStats, Counterfactual, CounterfactualRequest, CounterfactualResponse, ErrorBody, Factual,
-    FieldError, Health, ModelInfo, ModelRef, drift, error_body, field_errors, parents_from_codes,
+    BatchStats,
+    Counterfactual,
+    CounterfactualRequest,
+    CounterfactualResponse,
+    ErrorBody,
+    Factual,
+    FieldError,
+    Health,
+    ModelInfo,
+    ModelRef,
+    drift,
+    error_body,
+    field_errors,
+    parents_from_codes,
     probabilities,
 )
 
@@ -88,82 +106,49 @@ def _load(source: ModelSource, version: str) -> Loaded:
         bundle.to("cuda")
     return Loaded(bundle, info.get("name") or source.name, str(info.get("version") or version), source.alias,
                   info.get("mode"), dict(info.get("metrics") or {}), uri,
-                  datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                  datetime.now(UTC).isoformat(timespec="seconds"))
 
 
-class CounterfactualModel:
-    def __init__(self, source: dict):
-        import ray
-        import torch
+class ModelSlot:
+    """The generator a replica serves now, kept current with its alias by a polling thread."""
 
-        self._source = ModelSource.model_validate(source)
-        os.environ.update(self._source.env)
-        # intra-op threads beyond the CPUs Ray reserved for this replica only fight the other replicas
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(max(1, int(cpus)))
+    def __init__(self, source: ModelSource):
         from pipelines.registry import resolve_alias
 
+        self.source = source
         self._resolve = resolve_alias
-        self._state = _load(self._source, self._current_version())
-        self._reloads = 0
-        self._batches = 0
-        self._requests = 0
-        self._poll_s = ServeConfig().reload_poll_s
+        self.state = _load(source, self._current_version())
+        self.reloads = 0
+        self.poll_s = ServeConfig().reload_poll_s
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._batching = (8, 0.02)  # what @serve.batch below starts with, until reconfigure
-        log.info("cxrcf: serving %s (version %s)", self._source.uri(), self._state.version)
+        log.info("cxrcf: serving %s (version %s)", source.uri(), self.state.version)
 
     def _current_version(self) -> str:
-        return self._source.version or self._resolve(self._source.name, self._source.alias)
+        return self.source.version or self._resolve(self.source.name, self.source.alias)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self._poll_s):
-            try:
-                version = self._current_version()
-                if version != self._state.version:
-                    log.info("cxrcf: %s moved to version %s; loading", self._source.uri(), version)
-                    fresh = _load(self._source, version)
-                    self._state = fresh  # one assignment: batches already running keep the old state
-                    self._reloads += 1
-                    log.info("cxrcf: now serving version %s", version)
-            except Exception as err:  # the registry may be briefly unreachable: keep serving, retry
-                log.warning("cxrcf: alias check failed (%s); still serving version %s", err, self._state.version)
-
-    def reconfigure(self, config: dict) -> None:
-        self._poll_s = float(config["reload_poll_s"])
-        self._batching = (int(config["max_batch_size"]), float(config["batch_wait_timeout_s"]))
-        self.batched.set_max_batch_size(self._batching[0])
-        self.batched.set_batch_wait_timeout_s(self._batching[1])
-        # started here, not in __init__, so that the first wait already uses the configured period
-        if self._source.version is None and self._watcher is None:
+    def follow(self, poll_s: float) -> None:
+        """Start (once) following the alias; a pinned version never changes."""
+        self.poll_s = poll_s
+        if self.source.version is None and self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="cxrcf-alias-watch", daemon=True)
             self._watcher.start()
 
-    def __del__(self):
+    def stop(self) -> None:
         self._stop.set()
 
-    async def counterfactual(self, item: Item) -> tuple[ItemResult, dict]:
-        return await self.batched(item)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def batched(self, items: list[Item]) -> list[tuple[ItemResult, dict]]:
-        state = self._state
-        results = await asyncio.to_thread(run_batch, state.bundle, items)
-        self._batches += 1
-        self._requests += len(items)
-        ref = {"name": state.name, "version": state.version, "alias": state.alias, "mode": state.mode}
-        return [(r, ref) for r in results]
-
-    def info(self) -> dict:
-        s = self._state
-        return ModelInfo(
-            name=s.name, version=s.version, alias=s.alias, mode=s.mode, uri=s.uri, resolution=s.bundle.resolution,
-            metrics=s.metrics, device=str(s.bundle.device), loaded_at=s.loaded_at, reloads=self._reloads,
-            stats=BatchStats(batches=self._batches, requests=self._requests,
-                             mean_batch_size=self._requests / self._batches if self._batches else 0.0,
-                             max_batch_size=self._batching[0], batch_wait_timeout_s=self._batching[1]),
-        ).model_dump()
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                version = self._current_version()
+                if version != self.state.version:
+                    log.info("cxrcf: %s moved to version %s; loading", self.source.uri(), version)
+                    fresh = _load(self.source, version)
+                    self.state = fresh  # one assignment: batches already running keep the old state
+                    self.reloads += 1
+                    log.info("cxrcf: now serving version %s", version)
+            except Exception as err:  # noqa: BLE001 -- whatever failed, keep serving the loaded version and retry
+                log.warning("cxrcf: alias check failed (%s); still serving version %s", err, self.state.version)
 
 
 # ---------------------------------------------------------------------------------- HTTP side
@@ -175,7 +160,7 @@ api = FastAPI(
                 "predictor infer them) and interventions; get back counterfactual images with what the "
                 "evaluation predictor believes about each.",
 )
-# Per-replica settings (each replica is its own process), replaced by CounterfactualAPI.reconfigure.
+# Per-replica settings (each replica is its own process), replaced by CounterfactualService.reconfigure.
 # Only module-level functions touch them: Serve ships the ingress class by value, and a method that
 # named this dict (or `api`) directly would get its own copy instead of the one the middleware reads.
 _RUNTIME: dict[str, Any] = {"max_body_bytes": ServeConfig().max_body_bytes,
@@ -189,6 +174,8 @@ def runtime() -> dict[str, Any]:
 def configure_runtime(config: dict) -> None:
     _RUNTIME.update(max_body_bytes=int(config["max_body_bytes"]), max_interventions=int(config["max_interventions"]),
                     key_digests=list(config.get("api_key_digests") or []))
+
+BIG_IMAGE_CHARS = 300_000  # base64 characters (or pixels x 2) above which PNG coding leaves the event loop
 
 ERRORS = {code: {"model": ErrorBody, "description": what} for code, what in {
     401: "missing or wrong API key", 413: "body larger than serve.max_body_bytes",
@@ -234,7 +221,9 @@ _key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="one 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <one of CXRCF_API_KEYS>")
 
 
-async def require_key(request: Request, _k=Depends(_key_header), _b=Depends(_bearer)) -> None:
+async def require_key(request: Request, _k: Annotated[Any, Depends(_key_header)],
+                      _b: Annotated[Any, Depends(_bearer)]) -> None:
+    # the two security dependencies only document the schemes in OpenAPI; the check reads the headers
     if not auth.authorized(request.headers, runtime()["key_digests"]):
         raise ApiError(401, "X-API-Key", "missing or unknown API key (send X-API-Key or Authorization: Bearer)")
 
@@ -264,7 +253,7 @@ def _metadata(root: str, load_metadata):
     return _METADATA[root]
 
 
-def _reply(req: CounterfactualRequest, result: ItemResult, ref: dict, height: int, width: int) -> dict:
+def _reply(req: CounterfactualRequest, result: ItemResult, ref: dict, height: int, width: int) -> bytes:
     factual_p = probabilities(result.probabilities)
     out = []
     for intervention, cf in zip(req.interventions, result.counterfactuals):
@@ -278,45 +267,86 @@ def _reply(req: CounterfactualRequest, result: ItemResult, ref: dict, height: in
                         parents=parents_from_codes(result.parents), parents_inferred=result.inferred,
                         probabilities=factual_p),
         counterfactuals=out, model=ModelRef(batch_size=result.batch_size, **ref), t_u=req.t_u, seed=req.seed,
-    ).model_dump()
+    ).model_dump_json().encode()
+
+
+def _inline_or_thread(fn, *args, big: bool):
+    # a thread hop costs more than coding a small image; a large one would stall the event loop
+    return asyncio.to_thread(fn, *args) if big else _done(fn(*args))
+
+
+async def _done(value):
+    return value
 
 
 @serve.ingress(api)
-class CounterfactualAPI:
-    def __init__(self, model, data_root: str | None = None):
-        self._model = model
+class CounterfactualService:
+    def __init__(self, source: dict, data_root: str | None = None):
+        import ray
+        import torch
+
+        source = ModelSource.model_validate(source)
+        os.environ.update(source.env)
+        # intra-op threads beyond the CPUs Ray reserved for this replica only fight the other replicas
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, int(cpus)))
+        self._slot = ModelSlot(source)
         self._data_root = data_root
+        self._batching = (8, 0.02)  # what @serve.batch below starts with, until reconfigure
+        self._batches = 0
+        self._requests = 0
 
     def reconfigure(self, config: dict) -> None:
         configure_runtime(config)
+        self._batching = (int(config["max_batch_size"]), float(config["batch_wait_timeout_s"]))
+        self.batched.set_max_batch_size(self._batching[0])
+        self.batched.set_batch_wait_timeout_s(self._batching[1])
+        self._slot.follow(float(config["reload_poll_s"]))
 
-    async def _call_model(self, method: str, *args):
-        try:
-            return await getattr(self._model, method).remote(*args)
-        except Exception as err:
-            log.exception("cxrcf: model call %s failed", method)
-            raise ApiError(503, "model", f"the model deployment failed: {type(err).__name__}") from None
+    def __del__(self):
+        slot = getattr(self, "_slot", None)
+        if slot is not None:
+            slot.stop()
 
-    @api.get("/healthz", response_model=Health, responses={503: ERRORS[503]})
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def batched(self, items: list[Item]) -> list[tuple[ItemResult, dict]]:
+        state = self._slot.state
+        results = await asyncio.to_thread(run_batch, state.bundle, items)
+        self._batches += 1
+        self._requests += len(items)
+        ref = {"name": state.name, "version": state.version, "alias": state.alias, "mode": state.mode}
+        return [(r, ref) for r in results]
+
+    def _info(self) -> dict:
+        s = self._slot.state
+        return ModelInfo(
+            name=s.name, version=s.version, alias=s.alias, mode=s.mode, uri=s.uri, resolution=s.bundle.resolution,
+            metrics=s.metrics, device=str(s.bundle.device), loaded_at=s.loaded_at, reloads=self._slot.reloads,
+            stats=BatchStats(batches=self._batches, requests=self._requests,
+                             mean_batch_size=self._requests / self._batches if self._batches else 0.0,
+                             max_batch_size=self._batching[0], batch_wait_timeout_s=self._batching[1]),
+        ).model_dump()
+
+    @api.get("/healthz", response_model=Health)
     async def healthz(self) -> dict:
-        info = await self._call_model("info")
-        return Health(status="ok", model=info["name"], version=info["version"]).model_dump()
+        s = self._slot.state
+        return Health(status="ok", model=s.name, version=s.version).model_dump()
 
     @api.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(require_key)],
-             responses={401: ERRORS[401], 503: ERRORS[503]})
+             responses={401: ERRORS[401]})
     async def model(self) -> dict:
-        return await self._call_model("info")
+        return self._info()
 
     @api.post("/v1/counterfactuals", response_model=CounterfactualResponse, dependencies=[Depends(require_key)],
               responses=ERRORS)
-    async def counterfactuals(self, req: CounterfactualRequest) -> dict:
+    async def counterfactuals(self, req: CounterfactualRequest) -> Response:
         limit = runtime()["max_interventions"]
         if len(req.interventions) > limit:
             raise ApiError(422, "interventions",
                            f"{len(req.interventions)} given; at most {limit} per request (serve.max_interventions)")
         if req.image is not None:
             try:
-                pixels = await asyncio.to_thread(decode_png, req.image)
+                pixels = await _inline_or_thread(decode_png, req.image, big=len(req.image) > BIG_IMAGE_CHARS)
             except ImageError as err:
                 raise ApiError(422, "image", str(err)) from None
             parents = None
@@ -332,19 +362,22 @@ class CounterfactualAPI:
         height, width = pixels.shape
         item = Item(pixels=pixels, parents=parents, interventions=[i.values() for i in req.interventions],
                     t_u=req.t_u, seed=req.seed)
-        result, ref = await self._call_model("counterfactual", item)
-        return await asyncio.to_thread(_reply, req, result, ref, height, width)
+        try:
+            result, ref = await self.batched(item)
+        except Exception as err:
+            log.exception("cxrcf: batch failed")
+            raise ApiError(503, "model", f"inference failed ({type(err).__name__}); try again") from None
+        body = await _inline_or_thread(_reply, req, result, ref, height, width,
+                                       big=height * width > BIG_IMAGE_CHARS // 2)
+        # already a validated CounterfactualResponse: sending its JSON spares FastAPI a second validation
+        return Response(body, media_type="application/json")
 
 
 # ------------------------------------------------------------------------------------- building
-def model_user_config(cfg: ServeConfig) -> dict:
+def user_config(cfg: ServeConfig, api_keys: list[str]) -> dict:
     return {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
-            "reload_poll_s": cfg.reload_poll_s}
-
-
-def api_user_config(cfg: ServeConfig, api_keys: list[str]) -> dict:
-    return {"max_body_bytes": cfg.max_body_bytes, "max_interventions": cfg.max_interventions,
-            "api_key_digests": auth.digests(api_keys)}
+            "reload_poll_s": cfg.reload_poll_s, "max_body_bytes": cfg.max_body_bytes,
+            "max_interventions": cfg.max_interventions, "api_key_digests": auth.digests(api_keys)}
 
 
 def _scaling(cfg: ServeConfig) -> dict:
@@ -362,23 +395,14 @@ def build_app(cfg: ServeConfig, name: str, alias: str | None = None, version: st
         raise CxrcfError("model: give exactly one of an alias or a version")
     env = {k: os.environ[k] for k in ENV_PASSED if os.environ.get(k)}
     source = ModelSource(name=name, alias=alias, version=version, env=env)
-    replicas = cfg.max_replicas if cfg.num_replicas == "auto" else cfg.num_replicas
-    model = serve.deployment(CounterfactualModel).options(
-        name="CounterfactualModel",
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    actor = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    return serve.deployment(CounterfactualService).options(
+        name="CounterfactualService",
+        ray_actor_options=actor,
         max_ongoing_requests=cfg.max_ongoing_requests,
-        user_config=model_user_config(cfg),
+        user_config=user_config(cfg, api_keys or []),
         **_scaling(cfg),
-    ).bind(source.model_dump())
-    # The ingress only codes JSON and PNG; reserving no CPU leaves the model its full share on a small
-    # machine. It must admit every request the model replicas can hold, or batches never fill.
-    return serve.deployment(CounterfactualAPI).options(
-        name="CounterfactualAPI",
-        ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=cfg.max_ongoing_requests * replicas,
-        user_config=api_user_config(cfg, api_keys or []),
-        **_scaling(cfg),
-    ).bind(model, str(data_root) if data_root else None)
+    ).bind(source.model_dump(), str(data_root) if data_root else None)
 
 
 def wait_ready(url: str, timeout_s: float = 120.0) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from cxrcf.errors import CxrcfError
 
@@ -66,4 +66,5 @@ def authorized(headers: Mapping[str, str], allowed: Iterable[str]) -> bool:
         return False
     seen = digest(key)
     # compare against every digest so the time taken does not reveal which one matched
-    return any([hmac.compare_digest(seen, d) for d in allowed])
+    matches = [hmac.compare_digest(seen, d) for d in allowed]
+    return any(matches)

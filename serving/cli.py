@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import time
@@ -75,6 +76,10 @@ def check_port_free(host: str, port: int) -> None:
             raise CxrcfError(f"serve.port: cannot bind {host}:{port} ({err.strerror})") from None
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from cxrcf.config import load_params
@@ -104,6 +109,8 @@ def main(argv: list[str]) -> int:
     from serving.app import APP_NAME, build_app, wait_ready
 
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    # service managers stop with SIGTERM (and a backgrounded shell job ignores SIGINT): stop cleanly
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(build_app(cfg, name, alias=alias, version=args.version, data_root=args.data, api_keys=keys),
@@ -118,5 +125,8 @@ def main(argv: list[str]) -> int:
         print("serve: stopping", file=sys.stderr, flush=True)
         return 0
     finally:
+        # a second Ctrl-C (or the terminal's SIGINT reaching us twice) must not cut the clean-up short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         serve.shutdown()
         ray.shutdown()

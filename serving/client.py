@@ -25,8 +25,9 @@ Errors come back as {"detail": "...", "errors": [{"field", "message"}]}; the cli
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Self
 
 import httpx
 import numpy as np
@@ -46,7 +47,7 @@ class Client:
         headers = {"X-API-Key": api_key} if api_key else {}
         self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

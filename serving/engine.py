@@ -1,9 +1,9 @@
-"""One batched forward pass for many API requests (pure torch; the Ray Serve model calls it).
+"""One batched forward pass for many API requests (pure torch; the Serve batch method calls it).
 
 Each request is one image with its own parents and interventions, so the batch is flattened into
 rows (request, intervention): the attribute SCM gives each row its counterfactual parents, then one
 HVAE counterfactual pass covers every row of every request, and the evaluation predictor scores all
-factual images in one pass and all counterfactual rows in another. Requests whose `t_u` differ
+factual images and all counterfactual rows together in one more. Requests whose `t_u` differ
 cannot share the HVAE pass (t_u is one scalar per pass), so a batch makes one pass per distinct t_u.
 
 Randomness: one generator per batch, seeded with the first request's seed. A request served alone
@@ -78,7 +78,6 @@ def run_batch(bundle, items: list[Item]) -> list[ItemResult]:
                 else contextlib.nullcontext())
     with torch.inference_mode(), autocast:
         x = torch.cat([to_model_images(square(it.pixels)[None], res) for it in items]).to(device)
-        factual_probs = _probability_rows(bundle.probabilities(x))
 
         unknown = [i for i, it in enumerate(items) if it.parents is None]
         given = [i for i, it in enumerate(items) if it.parents is not None]
@@ -113,7 +112,9 @@ def run_batch(bundle, items: list[Item]) -> list[ItemResult]:
             sel = torch.from_numpy(np.flatnonzero(t_rows == t_u)).to(device)
             x_star[sel] = counterfactual(bundle.hvae, x[rows[sel]], ctx[sel], ctx_star[sel], t_u=t_u,
                                          generator=generator).float()
-        cf_probs = _probability_rows(bundle.probabilities(x_star))
+        # factual and counterfactual images through the evaluation predictor in one pass
+        probs = _probability_rows(bundle.probabilities(torch.cat([x, x_star])))
+        factual_probs, cf_probs = probs[:len(items)], probs[len(items):]
         pixels = from_model_images(x_star)
 
     results = [ItemResult(_codes(parents, i), items[i].parents is None, factual_probs[i], batch_size=len(items))

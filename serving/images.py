@@ -17,9 +17,14 @@ import binascii
 import io
 
 import numpy as np
+from PIL import Image
 
 MIN_SIDE = 8
 MAX_SIDE = 4096
+
+
+# what Pillow raises on bytes that are not a sound image (UnidentifiedImageError is an OSError)
+PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 class ImageError(ValueError):
@@ -28,8 +33,6 @@ class ImageError(ValueError):
 
 def decode_png(data: str) -> np.ndarray:
     """Base64 (optionally a `data:image/png;base64,` URL) -> uint8 array (H, W)."""
-    from PIL import Image
-
     if data.startswith("data:"):
         head, sep, data = data.partition(",")
         if not sep or ";base64" not in head:
@@ -44,7 +47,7 @@ def decode_png(data: str) -> np.ndarray:
         img = Image.open(io.BytesIO(raw))
         fmt = img.format
         width, height = img.size
-    except Exception:
+    except PIL_ERRORS:
         raise ImageError("not a readable image (expected a PNG)") from None
     if fmt != "PNG":
         raise ImageError(f"{fmt or 'unknown'} image; expected a PNG")
@@ -52,7 +55,7 @@ def decode_png(data: str) -> np.ndarray:
         raise ImageError(f"{width}x{height} pixels; each side must be {MIN_SIDE}-{MAX_SIDE}")
     try:
         img.load()
-    except Exception:
+    except PIL_ERRORS:
         raise ImageError("truncated or corrupt PNG data") from None
     return _to_gray(img)
 
@@ -83,8 +86,6 @@ def _to_gray(img) -> np.ndarray:
 
 def encode_png(pixels: np.ndarray) -> str:
     """uint8 (H, W) -> base64 of an 8-bit grayscale PNG."""
-    from PIL import Image
-
     if pixels.dtype != np.uint8 or pixels.ndim != 2:
         raise ValueError(f"expected a uint8 (H, W) array, got {pixels.dtype} {pixels.shape}")
     buf = io.BytesIO()
@@ -94,8 +95,6 @@ def encode_png(pixels: np.ndarray) -> str:
 
 def resize_gray(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bring a model-resolution uint8 image back to the client's (H, W)."""
-    from PIL import Image
-
     if pixels.shape == (height, width):
         return pixels
     return np.asarray(Image.fromarray(pixels).resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -58,10 +60,11 @@ def _metadata(root):
     return load_metadata(root)
 
 
-def _run(params_file, data, plan, out, model):
+def _run(params_file, data, plan, out, model, stream=None):
     from pipelines.augment import run_augment
 
-    return run_augment(_params(params_file), data, plan, out, str(model))
+    stream = stream or sys.stderr
+    return run_augment(_params(params_file), data, plan, out, str(model), progress_stream=stream)
 
 
 def _check_outputs(out: Path, plan_path: Path, data: Path, resolution: int = 32):
@@ -90,8 +93,9 @@ def _check_outputs(out: Path, plan_path: Path, data: Path, resolution: int = 32)
             assert row.finding == it.parents["finding"]
         img = Image.open(out / row.path)
         assert img.mode == "L" and img.size == (resolution, resolution)
-    probs = manifest[[c for c in manifest.columns if c.startswith("p_") and not c.endswith("_age")]]
-    assert ((probs >= 0) & (probs <= 1)).all().all()
+    probs = manifest[[c for c in manifest.columns if c.startswith("p_")]]
+    assert probs.shape[1] == 10 and ((probs >= 0) & (probs <= 1)).all().all()
+    assert manifest[["pred_age_before", "pred_age_after"]].notna().all().all()
     race = manifest[[f"p_after_race_{r}" for r in ("white", "asian", "black")]].sum(axis=1)
     assert (race - 1).abs().max() < 1e-4
     assert len(list((out / "images").glob("*.png"))) == len(manifest)
@@ -186,8 +190,9 @@ def _looks_generated(out: Path, manifest, items):
 
     row = manifest.iloc[0]
     src = next(it for it in items if it.item_id == row["id"])
-    diff = np.abs(np.asarray(Image.open(src.path)).astype(int) - np.asarray(Image.open(out / row["path"])).astype(int))
-    assert diff.mean() > 0  # a counterfactual, not a copy of the source
+    source = np.asarray(Image.open(src.path)).astype(int)
+    generated = np.asarray(Image.open(out / row["path"])).astype(int)
+    assert np.abs(source - generated).mean() > 0  # a counterfactual, not a copy of the source
 
 
 def test_flip_job(flip_run, tiny_data):
@@ -209,7 +214,12 @@ def test_balance_and_grid_jobs(ray_cluster, tiny_data, bundle_dir, params_file, 
                  splits=["test"], max_sources=10, t_u=0.5)
     for plan in (balance, grid):
         out = tmp_path / f"out-{plan.stem}"
-        summary = _run(params_file, tiny_data, plan, out, bundle_dir)
+        log = io.StringIO()
+        summary = _run(params_file, tiny_data, plan, out, bundle_dir, stream=log)
+        lines = log.getvalue().splitlines()
+        assert re.fullmatch(rf"augment: {summary['planned']}/{summary['planned']} images \(100.0%\) \| "
+                            r"[\d.]+ img/s \| ETA 0s \| 0 failed", lines[-2]), lines
+        assert lines[-1].startswith(f"augment: done: {summary['written']} written, 0 skipped"), lines
         manifest, errors, items = _check_outputs(out, plan, tiny_data)
         assert len(errors) == 0 and len(manifest) == len(items) == summary["written"]
         _looks_generated(out, manifest, items)
@@ -226,24 +236,29 @@ def test_balance_and_grid_jobs(ray_cluster, tiny_data, bundle_dir, params_file, 
     assert (old["age"] == 90.0).all() and len(old) == 10
 
 
-def test_corrupt_image_is_reported_and_the_rest_completes(flip_run, tiny_data, bundle_dir, params_file, tmp_path):
+def test_corrupt_image_is_reported_and_the_rest_completes(flip_run, tiny_data, bundle_dir, params_file,
+                                                          tmp_path):
     plan, clean, _ = flip_run
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     frame = _metadata(data).sort_values("id")
     first = frame["id"].tolist()[:12]
     paths = frame.set_index("id")["path"]
-    bad, missing = first[3], first[9]
+    bad, missing, oblong = first[3], first[9], first[6]
     (data / paths[bad]).write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     (data / paths[missing]).unlink()
+    from PIL import Image
+
+    Image.new("L", (32, 20), 128).save(data / paths[oblong])
     out = tmp_path / "out"
     summary = _run(params_file, data, plan, out, bundle_dir)
     manifest, errors, _ = _check_outputs(out, plan, data)
-    assert summary["failed"] == 8 and summary["written"] == 40 and len(manifest) == 40
-    assert sorted(set(errors["source"])) == sorted([bad, missing]) and len(errors) == 8
+    assert summary["failed"] == 12 and summary["written"] == 36 and len(manifest) == 36
+    assert sorted(set(errors["source"])) == sorted([bad, missing, oblong]) and len(errors) == 12
     reasons = dict(zip(errors["source"], errors["reason"]))
     assert "not readable" in reasons[bad] and "missing" in reasons[missing]
-    assert set(errors["file"]) == {str((data / paths[bad]).resolve()), str((data / paths[missing]).resolve())}
+    assert reasons[oblong] == "image is 32x20, expected a square"
+    assert set(errors["file"]) == {str((data / paths[s]).resolve()) for s in (bad, missing, oblong)}
 
     # The neighbours of a bad image are what they would have been without it (same batch, same noise).
     ref = pd.read_csv(clean / "manifest.csv").set_index("id")
@@ -254,7 +269,7 @@ def test_corrupt_image_is_reported_and_the_rest_completes(flip_run, tiny_data, b
     # A rerun retries only the chunks with errors (reproducing them); the rest is skipped.
     first_manifest = (out / "manifest.csv").read_text()
     again = _run(params_file, data, plan, out, bundle_dir)
-    assert again["failed"] == 8 and 0 < again["skipped"] < 40
+    assert again["failed"] == 12 and 0 < again["skipped"] < 36
     assert (out / "manifest.csv").read_text() == first_manifest
 
 
@@ -318,9 +333,9 @@ def test_default_model_is_the_registered_champion(ray_cluster, mlflow_uri, tiny_
     client = mlflow.MlflowClient(mlflow_uri)
     with mlflow.start_run(experiment_id=ensure_experiment(name)) as run:
         mlflow.log_artifacts(str(bundle_dir), artifact_path="bundle")
-    version = client.create_model_version(name if client.search_registered_models(f"name='{name}'")
-                                          else client.create_registered_model(name).name,
-                                          f"runs:/{run.info.run_id}/bundle", run_id=run.info.run_id).version
+    client.create_registered_model(name)
+    source = f"runs:/{run.info.run_id}/bundle"
+    version = client.create_model_version(name, source, run_id=run.info.run_id).version
     client.set_registered_model_alias(name, "champion", version)
     params = preset_params("smoke", registry={"generator_name": name},
                            augment={"batch_size": BATCH, "num_cpus_per_actor": 0.5})
@@ -341,6 +356,19 @@ def test_different_arguments_in_the_same_folder_are_refused(flip_run, tiny_data,
     before = (out / "manifest.csv").read_text()
     assert json.loads((out / "run.json").read_text())["inputs"]["t_u"] == 1.0
     assert (out / "manifest.csv").read_text() == before
+
+
+def test_an_actor_pool_larger_than_the_cluster_is_refused(flip_run, ray_cluster, tiny_data, bundle_dir,
+                                                          params_file, tmp_path):
+    from cxrcf.config import load_params
+    from pipelines.augment import run_augment
+
+    plan, _, _ = flip_run
+    params = load_params(params_file, overrides={"augment": {"num_actors": 3, "num_cpus_per_actor": 0.75}})
+    with pytest.raises(CxrcfError, match=r"augment.num_actors x augment.num_cpus_per_actor = 3 x 0.75 CPUs, "
+                                         r"plus 0.25 for reading/writing, exceeds the cluster's 2 CPUs"):
+        run_augment(params, tiny_data, plan, tmp_path / "out", str(bundle_dir))
+    assert not list((tmp_path / "out" / "parts").glob("*.json"))
 
 
 def test_cli_errors_are_one_line(tmp_path, tiny_data, params_file):

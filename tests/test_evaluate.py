@@ -133,12 +133,12 @@ def test_metrics_and_artifacts_logged_to_the_generator_run(evaluated):
 def test_subset_is_seeded_and_deterministic(tiny_data, models, tmp_path):
     from pipelines.evaluate import evaluate_generator
 
-    params = preset_params("smoke", evaluate={"max_images": 8, "extra_t_u": []})
+    params = preset_params("smoke", evaluate={"max_images": 8, "extra_t_u": [], "reversibility_images": 3})
     a = evaluate_generator(params, tiny_data, models["generator"], models["scm"], models["predictor"], "a",
                            tmp_path / "a.json")
     b = evaluate_generator(params, tiny_data, models["generator"], models["scm"], models["predictor"], "b",
                            tmp_path / "b.json")
-    assert a["n_images"] == 8 and a["extra_t_u"] == {}
+    assert a["n_images"] == 8 and a["extra_t_u"] == {} and a["reversibility_images"] == 3
     assert a["amplification"] == b["amplification"]
     assert a["ground_truth"]["cf_l1"] == b["ground_truth"]["cf_l1"]
 
@@ -161,3 +161,22 @@ def test_cli_and_user_errors(tiny_data, models, tmp_path):
         main(["--params", str(params_file), "--data", str(tiny_data), "--generator", str(models["generator"]),
               "--predictor", str(models["predictor"]), "--name", "x", "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_shared_abduction_matches_counterfactual(models):
+    import torch
+
+    from cxrcf.counterfactual import counterfactual, counterfactuals_shared
+    from cxrcf.export import load_model
+
+    hvae = load_model(models["generator"])
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(5, 1, 32, 32, generator=g) * 2 - 1
+    ctx, ctx_a, ctx_b = (torch.rand(5, 6, generator=g) for _ in range(3))
+    with torch.no_grad():
+        shared = counterfactuals_shared(hvae, x, ctx, [ctx_a, ctx_b], (1.0, 0.1),
+                                        generator=torch.Generator().manual_seed(7))
+        for i, c in enumerate((ctx_a, ctx_b)):
+            for j, t in enumerate((1.0, 0.1)):
+                one = counterfactual(hvae, x, ctx, c, t_u=t, generator=torch.Generator().manual_seed(7))
+                torch.testing.assert_close(shared[i][j], one)

@@ -10,6 +10,16 @@ from cxrcf.errors import CxrcfError
 from cxrcf.hvae import HVAE, count_parameters, discretized_gaussian_nll
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small models gain nothing from a second thread, and on a busy shared machine a 2-thread
+    OpenMP team stalls at every barrier; one thread keeps these tests fast everywhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _arch(preset: str) -> HVAEArch:
     return preset_params(preset).generator.arch
 
@@ -83,18 +93,12 @@ def test_bad_specs_name_the_field(field, value, needle):
 
 
 def test_discretized_gaussian_is_a_distribution_over_256_levels():
-    levels = torch.arange(256).float() / 127.5 - 1
-    x = levels.view(1, 1, 16, 16)
+    levels = (torch.arange(256).float() / 127.5 - 1).view(256, 1, 1, 1)
     for loc, logscale in [(0.3, -3.0), (-0.99, -6.0), (1.5, 0.5), (0.0, -9.0)]:
-        nll = discretized_gaussian_nll(x, torch.full_like(x, loc), torch.full_like(x, logscale))
-        total = torch.exp(-nll * 256)  # mean over 256 pixels -> product of probabilities? use per pixel below
-        per_pixel = []
-        for v in levels:
-            xv = torch.full((1, 1, 1, 1), float(v))
-            per_pixel.append(torch.exp(-discretized_gaussian_nll(xv, xv * 0 + loc, xv * 0 + logscale)))
-        mass = torch.cat(per_pixel).sum()
+        nll = discretized_gaussian_nll(levels, torch.full_like(levels, loc), torch.full_like(levels, logscale))
+        assert torch.isfinite(nll).all()
+        mass = torch.exp(-nll).sum()  # one pixel per image: per-image NLL is that pixel's -log p
         assert abs(mass.item() - 1.0) < 1e-3, (loc, logscale, mass)
-        assert torch.isfinite(total).all()
 
 
 def test_elbo_decreases_on_a_fixed_batch():
@@ -145,10 +149,10 @@ def test_no_nan_at_high_lr_with_clipping_and_skipping():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.9), weight_decay=0.05)
     g = torch.Generator().manual_seed(0)
     skipped = 0
-    for step in range(250):
-        x = torch.randint(0, 256, (8, 1, 32, 32), generator=g).float() / 127.5 - 1
+    for step in range(200):
+        x = torch.randint(0, 256, (4, 1, 32, 32), generator=g).float() / 127.5 - 1
         opt.zero_grad(set_to_none=True)
-        out = model(x, _ctx(8, seed=step), beta=4.0)
+        out = model(x, _ctx(4, seed=step), beta=4.0)
         assert torch.isfinite(out["loss"]), step
         out["loss"].backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
@@ -156,5 +160,5 @@ def test_no_nan_at_high_lr_with_clipping_and_skipping():
             skipped += 1
             continue
         opt.step()
-    assert skipped < 25
+    assert skipped < 20
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -15,7 +15,13 @@ from cxrcf.errors import CxrcfError
 from serving import auth
 from serving.images import ImageError, decode_png, encode_png, resize_gray
 from serving.schemas import (
-    CounterfactualRequest, Intervention, Parents, drift, error_body, field_errors, parents_from_codes,
+    CounterfactualRequest,
+    Intervention,
+    Parents,
+    drift,
+    error_body,
+    field_errors,
+    parents_from_codes,
     probabilities,
 )
 

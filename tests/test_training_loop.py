@@ -10,8 +10,17 @@ import torch
 from torch import nn
 
 from cxrcf.config import OptimConfig, RayConfig
-from training.loop import (Batcher, LoopConfig, Task, fit, format_progress, optimizer_from_files,
-                           optimizer_to_files, shard_batch_size, warmup_lr)
+from training.loop import (
+    Batcher,
+    LoopConfig,
+    Task,
+    fit,
+    format_progress,
+    optimizer_from_files,
+    optimizer_to_files,
+    shard_batch_size,
+    warmup_lr,
+)
 
 RES = 8
 
@@ -92,7 +101,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, tmp_path):
     a, b = result.metrics["a"], result.metrics["b"]
     assert a["resumed_step"] == 4 and a["steps"] == 12  # resumed from the step-4 checkpoint and finished
     assert b["resumed_step"] == 0 and b["steps"] == 5
-    assert a["acc"] > 0.8  # the stand-in learnt the brightness rule
+    assert a["val_acc"] > 0.8 and "best_loss" in a  # the stand-in learnt the brightness rule
     assert set(result.weights) == {"a", "b"}
     model = StandIn().model
     model.load_state_dict(result.weights["a"])  # exported weights fit the model
@@ -123,3 +132,15 @@ def test_gradient_skipping_and_ema_warmup():
     ema.model.weight.data.fill_(0.0)
     ema.update(model)
     torch.testing.assert_close(ema.model.weight, torch.full((1, 2), 0.001))
+
+
+def test_impossible_resource_request_is_a_clear_error(ray_cluster, tmp_path):
+    from cxrcf.errors import CxrcfError
+
+    task = Task("a", OptimConfig(steps=1, batch_size=4, lr=1e-2), StandIn, standin_data)
+    with pytest.raises(CxrcfError, match="ray.num_workers"):
+        fit(LoopConfig(tasks=[task]), RayConfig(num_workers=64, storage_path=str(tmp_path)), "too-big")
+    with pytest.raises(CxrcfError, match="ray.use_gpu"):
+        fit(LoopConfig(tasks=[task]), RayConfig(num_workers=int(ray_cluster.cluster_resources().get("GPU", 0)) + 1,
+                                                cpus_per_worker=0.01, use_gpu=True, storage_path=str(tmp_path)),
+            "no-gpu")

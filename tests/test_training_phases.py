@@ -85,7 +85,7 @@ def test_scm_via_cli(trained, mlflow_uri):
 
 
 def test_generator_records_eps_and_sample_grid(trained, mlflow_uri):
-    params, models, metrics, out = trained
+    _, models, metrics, _ = trained
     run = json.loads((models / "generator" / "run.json").read_text())
     eps = run["metrics"]["eps"]
     assert eps == run["metrics"]["best_loss"] and 0 < eps < 20
@@ -108,7 +108,7 @@ def test_generator_records_eps_and_sample_grid(trained, mlflow_uri):
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_cft(trained, mlflow_uri, mode):
-    params, models, metrics, out = trained
+    params, models, _, _ = trained
     run = json.loads((models / f"cft_{mode}" / "run.json").read_text())
     gen_eps = json.loads((models / "generator" / "run.json").read_text())["metrics"]["eps"]
     slack = 0.05 if mode == "soft" else params.cft.slack
@@ -132,7 +132,7 @@ def test_cft(trained, mlflow_uri, mode):
 
 
 def test_soft_and_hard_runs_differ_and_seed_is_recorded(trained, mlflow_uri):
-    params, models, metrics, out = trained
+    params, _, _, out = trained
     client = _client(mlflow_uri)
     soft = client.get_run(out["cft_soft"]["run_id"]).data.params
     hard = client.get_run(out["cft_hard"]["run_id"]).data.params
@@ -142,7 +142,7 @@ def test_soft_and_hard_runs_differ_and_seed_is_recorded(trained, mlflow_uri):
 def test_cft_input_errors_name_the_problem(trained, tmp_path):
     from training.cft import train_cft
 
-    params, models, metrics, out = trained
+    params, models, _, _ = trained
     with pytest.raises(CxrcfError, match="--mode"):
         train_cft(params, "data", models / "generator", models / "guidance", models / "scm", tmp_path, "medium")
     with pytest.raises(CxrcfError, match="expected HVAE"):

@@ -31,9 +31,10 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cxrcf.config import OptimConfig, RayConfig
 
@@ -371,6 +372,10 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
     amp_dtype = torch.bfloat16 if (use_amp and torch.cuda.is_bf16_supported()) else torch.float16
     scaler = torch.amp.GradScaler("cuda") if (use_amp and amp_dtype == torch.float16) else None
 
+    if rank == 0:
+        say(f"[{task.name}] {world} worker(s) on {device.type}, {torch.get_num_threads()} thread(s) each, "
+            f"batch {optim.batch_size} ({local_batch} per worker), steps {start}->{optim.steps}"
+            + (f", {amp_dtype} autocast" if use_amp else ""))
     every = cfg.progress_every or max(1, optim.steps // 20)
     t_task = time.perf_counter()
     train_time, timed_images, window_t, window_steps = 0.0, 0, time.perf_counter(), 0
@@ -489,6 +494,25 @@ def ensure_ray() -> None:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
 
 
+def _check_resources(ray_cfg: RayConfig) -> None:
+    """A request the cluster can never satisfy would leave Ray Train waiting forever; say so instead.
+    Skipped on an external cluster (RAY_ADDRESS), whose autoscaler may add nodes."""
+    import ray
+
+    from cxrcf.errors import CxrcfError
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources()
+    need_cpu = ray_cfg.num_workers * ray_cfg.cpus_per_worker
+    if need_cpu > have.get("CPU", 0):
+        raise CxrcfError(f"ray.num_workers x ray.cpus_per_worker = {need_cpu:g} CPUs but the local Ray cluster "
+                         f"has {have.get('CPU', 0):g}")
+    if ray_cfg.use_gpu and ray_cfg.num_workers > have.get("GPU", 0):
+        raise CxrcfError(f"ray.use_gpu: {ray_cfg.num_workers} GPU worker(s) requested but the local Ray cluster "
+                         f"has {have.get('GPU', 0):g} GPUs")
+
+
 def unique_name(phase: str) -> str:
     import uuid
 
@@ -503,6 +527,7 @@ def fit(cfg: LoopConfig, ray_cfg: RayConfig, phase: str, run_name: str | None = 
     from cxrcf.errors import CxrcfError
 
     ensure_ray()
+    _check_resources(ray_cfg)
     storage = str(Path(ray_cfg.storage_path).expanduser().resolve())
     Path(storage).mkdir(parents=True, exist_ok=True)
     name = run_name or unique_name(phase)
