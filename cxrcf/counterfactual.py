@@ -12,6 +12,16 @@ import torch
 from cxrcf.errors import CxrcfError
 
 
+def _noise(x, loc, logscale):
+    """Abducted pixel noise u = (x - mu) / s."""
+    return (x - loc) * torch.exp(-logscale)
+
+
+def _predict(loc_star, logscale_star, u, t_u: float):
+    """The prediction step: x* = clamp(mu* + t_u * s* * u, -1, 1)."""
+    return (loc_star + t_u * torch.exp(logscale_star) * u).clamp(-1.0, 1.0)
+
+
 def counterfactual(hvae, x: torch.Tensor, ctx: torch.Tensor, ctx_star: torch.Tensor, t_u: float = 1.0,
                    particles: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
     """x* for each image of `x` (N,C,R,R) from factual context `ctx` (N,D) to `ctx_star` (N,D).
@@ -30,8 +40,7 @@ def counterfactual(hvae, x: torch.Tensor, ctx: torch.Tensor, ctx_star: torch.Ten
         x, ctx, ctx_star = x.repeat(particles, 1, 1, 1), ctx.repeat(particles, 1), ctx_star.repeat(particles, 1)
     latents, (loc, logscale) = hvae.abduct_with_pixels(x, ctx, generator=generator)
     loc_star, logscale_star = hvae.decode(latents, ctx_star)
-    u = (x - loc) * torch.exp(-logscale)
-    x_star = (loc_star + t_u * torch.exp(logscale_star) * u).clamp(-1.0, 1.0)
+    x_star = _predict(loc_star, logscale_star, _noise(x, loc, logscale), t_u)
     if particles > 1:
         x_star = x_star.unflatten(0, (particles, n)).mean(0)
     return x_star.contiguous()
@@ -49,12 +58,11 @@ def counterfactuals_shared(hvae, x: torch.Tensor, ctx: torch.Tensor, ctx_stars: 
     if any(t < 0 for t in t_us):
         raise CxrcfError(f"t_u: must be non-negative, got {list(t_us)}")
     latents, (loc, logscale) = hvae.abduct_with_pixels(x, ctx, generator=generator)
-    u = (x - loc) * torch.exp(-logscale)
+    u = _noise(x, loc, logscale)
     out = []
     for ctx_star in ctx_stars:
         if ctx_star.shape != ctx.shape:
             raise CxrcfError(f"ctx_star: shape {tuple(ctx_star.shape)} differs from ctx {tuple(ctx.shape)}")
         loc_star, logscale_star = hvae.decode(latents, ctx_star)
-        scale_star = torch.exp(logscale_star)
-        out.append([(loc_star + t * scale_star * u).clamp(-1.0, 1.0).contiguous() for t in t_us])
+        out.append([_predict(loc_star, logscale_star, u, t).contiguous() for t in t_us])
     return out

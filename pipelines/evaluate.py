@@ -25,12 +25,12 @@ intervention and t_u, so all of them are compared on the same exogenous noise of
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 
 from cxrcf.errors import CxrcfError
+from training.common import read_run_id
 
 INTERVENTIONS = ("sex", "race", "finding", "age")
 SCORED = ("sex", "race", "finding")  # attributes with a factual class, hence a log-odds
@@ -49,16 +49,6 @@ def pair_key(j: str, k: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- loading
-def _read_run_id(directory: Path) -> str | None:
-    path = directory / "run.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("run_id")
-    except (ValueError, AttributeError):
-        raise CxrcfError(f"{path}: not a JSON object with run_id") from None
-
-
 def _load_dir(directory, kind: str, flag: str):
     from cxrcf.export import load_model, read_config
 
@@ -91,7 +81,7 @@ def load_components(generator: str | Path, scm_dir, predictor_dir) -> tuple:
     hvae = _load_dir(gdir, "hvae", "--generator")
     scm = _load_dir(scm_dir, "scm", "--scm")
     predictor = _load_dir(predictor_dir, "predictor", "--predictor")
-    return hvae, scm, predictor, _read_run_id(gdir), str(gdir)
+    return hvae, scm, predictor, read_run_id(gdir), str(gdir)
 
 
 # ------------------------------------------------------------------------------ computation

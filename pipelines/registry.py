@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrcf.errors import CxrcfError
+from training.common import read_run_id
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous-champion"
 MODES = ("none", "hard", "soft")
@@ -531,16 +532,6 @@ def load_bundle(model_uri: str, client=None):
 
 
 # ----------------------------------------------------------------------------------- registration
-def _read_run_id(directory: Path) -> str | None:
-    path = directory / "run.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text()).get("run_id")
-    except (json.JSONDecodeError, AttributeError):
-        raise CxrcfError(f"{path}: not a JSON object with run_id") from None
-
-
 def _read_eval(path: Path) -> dict:
     if not path.is_file():
         raise CxrcfError(f"{path}: evaluation JSON does not exist (run cxrcf evaluate first)")
@@ -629,7 +620,7 @@ def register(params, generator_dir, scm_dir, predictor_dir, guidance_dir, mode: 
 
     client = client or connect()
     name = name or params.registry.generator_name
-    lineage = {f"lineage.{role}_run_id": rid for role, d in dirs.items() if (rid := _read_run_id(d))}
+    lineage = {f"lineage.{role}_run_id": rid for role, d in dirs.items() if (rid := read_run_id(d))}
     tags = {"cxrcf.kind": "generator", "cft_mode": mode, "preset": params.preset,
             "data_hash": dvc_data_hash() or "", "git_commit": git_commit() or "", **lineage}
     headline = {k: v for k, v in metrics.items() if HEADLINE.match(k)}

@@ -29,12 +29,9 @@ def ray_cluster():
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
-    try:
-        from ray import serve
+    from ray import serve
 
-        serve.shutdown()
-    except Exception:
-        pass
+    serve.shutdown()  # a no-op when no test started Serve
     ray.shutdown()
 
 
@@ -66,3 +63,15 @@ def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny") / "data"
     generate_dataset(root, preset_params("smoke").data.synth)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The test models are tiny: a second thread only adds OpenMP barrier stalls (badly so on a
+    busy machine). Ray workers and subprocesses set their own thread counts."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

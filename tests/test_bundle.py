@@ -6,18 +6,12 @@ import time
 
 import pytest
 import torch
-from helpers import synthetic_parents, tiny_bundle, torch_threads
+from helpers import synthetic_parents, tiny_bundle
 
 from cxrcf.bundle import GeneratorBundle, parents_from_labels
 from cxrcf.config import PredictorArch
 from cxrcf.errors import CxrcfError
 from cxrcf.predictor import Predictor
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

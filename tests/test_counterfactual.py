@@ -11,16 +11,6 @@ from cxrcf.errors import CxrcfError
 from cxrcf.hvae import HVAE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small models gain nothing from a second thread, and on a busy shared machine a 2-thread
-    OpenMP team stalls at every barrier; one thread keeps these tests fast everywhere."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 import torch
-from helpers import synthetic_parents, torch_threads
+from helpers import synthetic_parents
 
 from cxrcf.attributes import context
 from cxrcf.config import PredictorArch, SCMConfig, preset_params
@@ -15,12 +15,6 @@ from cxrcf.errors import CxrcfError
 from cxrcf.export import load_model, read_config, save_model
 from cxrcf.predictor import Predictor
 from cxrcf.scm import AttributeSCM
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 def _assert_pickle_free(directory):

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import torch_threads
 
 from cxrcf.attributes import age_from_model
 from cxrcf.config import PredictorArch, preset_params
 from cxrcf.predictor import Predictor, predictor_loss, stem_downsampling
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 def _check_outputs(out, n):

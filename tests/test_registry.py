@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_bundle, torch_threads
+from helpers import tiny_bundle
 
 from cxrcf import cli
 from cxrcf.config import preset_params
@@ -44,12 +44,6 @@ def evaluation(sex_auc=0.9, race_auc=0.8, finding_auc=0.85, age_mae=9.0, worst=0
         "reversibility_l1": 0.02,
         "ground_truth": {"cf_l1": 0.1, "amplification": {"mean": 0.1, "worst": 0.3}},
     }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 def make_parts(root: Path) -> SimpleNamespace:

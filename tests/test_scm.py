@@ -6,18 +6,12 @@ import math
 
 import pytest
 import torch
-from helpers import finding_probability, synthetic_parents, torch_threads
+from helpers import finding_probability, synthetic_parents
 
 from cxrcf.attributes import age_to_model
 from cxrcf.config import SCMConfig
 from cxrcf.errors import CxrcfError
 from cxrcf.scm import AttributeSCM
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

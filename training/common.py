@@ -23,7 +23,7 @@ def load_arrays(data_root: str, resolution: int, split: str):
 def loader(data_root: str | Path, resolution: int):
     root = Path(data_root)
     if not (root / "metadata.csv").is_file():
-        raise CxrcfError(f"{root}: no metadata.csv; not a cxrcf dataset (run `cxrcf data generate`)")
+        raise CxrcfError(f"{root}: no metadata.csv; not a cxrcf dataset (run `cxrcf data synth`)")
     return functools.partial(load_arrays, str(root.resolve()), resolution)
 
 
@@ -62,6 +62,19 @@ def write_model(model, out_dir: str | Path, run_id: str, metrics: dict, meta: di
     save_model(model, out_dir, meta={"run_id": run_id, **(meta or {})})
     write_json(out_dir / "run.json", {"run_id": run_id, "metrics": finite(metrics)})
     return out_dir
+
+
+def read_run_id(directory: str | Path) -> str | None:
+    """The MLflow run id in a model directory's run.json (None when the directory has none)."""
+    import json
+
+    path = Path(directory) / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("run_id")
+    except (ValueError, AttributeError):
+        raise CxrcfError(f"{path}: not a JSON object with run_id") from None
 
 
 def finish(run_id: str, metrics: dict, metrics_file: str | Path | None, artifacts: dict[str, Path]) -> None:
