@@ -176,7 +176,8 @@ def _std(raw: torch.Tensor) -> torch.Tensor:
 
 
 def _noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.empty_like(like).normal_(generator=generator)
+    # drawn into a contiguous buffer: normal_ on a channels-last tensor takes a serial path ~3x slower
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device).normal_(generator=generator)
 
 
 def _gaussian_kl(q_loc, q_std, p_loc, p_std) -> torch.Tensor:
