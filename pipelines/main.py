@@ -44,18 +44,19 @@ def ensure_data(params_path: str = "params.yaml", dvc_file: str = "data.dvc") ->
     t0 = time.perf_counter()
     generate_dataset(root, params.data.synth)
     print(f"[data] generated in {time.perf_counter() - t0:.1f} s; checking it against {dvc_file}", flush=True)
-    # `dvc commit` stores the regenerated files in the cache; `dvc status` then says whether they
-    # match the hash in data.dvc. A mismatch means the generator or its parameters changed.
-    expected = dvc_data_hash(dvc_file)
-    out = subprocess.run(_dvc() + ["status", "--json", dvc_file], capture_output=True, text=True)
-    status = json.loads(out.stdout or "{}") if out.returncode == 0 else None
-    if status is None:
-        raise CxrcfError(f"dvc status {dvc_file} failed: {out.stderr.strip()}")
-    if status:
+    # `dvc commit` hashes the regenerated files into the cache and rewrites data.dvc with what it
+    # found; a different hash means the generator or its parameters changed, so put the pin back.
+    pinned, expected = Path(dvc_file).read_text(), dvc_data_hash(dvc_file)
+    out = subprocess.run(_dvc() + ["commit", "--force", "--quiet", dvc_file], check=False,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise CxrcfError(f"dvc commit {dvc_file} failed: {out.stderr.strip()}")
+    found = dvc_data_hash(dvc_file)
+    if found != expected:
+        Path(dvc_file).write_text(pinned)
         raise CxrcfError(
-            f"{root}/ regenerated with params.yaml data.synth does not match {dvc_file} (md5 {expected}); "
-            f"restore the default data settings or re-pin with `dvc add {root}`")
-    subprocess.run(_dvc() + ["commit", "--force", "--quiet", dvc_file], check=True)
+            f"{root}/ regenerated with params.yaml data.synth has md5 {found}, not the {expected} pinned in "
+            f"{dvc_file}; restore the default data settings or re-pin with `dvc add {root}`")
 
 
 def _load(path: Path) -> dict | None:
@@ -118,7 +119,7 @@ def run(params_path: str = "params.yaml") -> int:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     print("[pipeline] dvc repro", flush=True)
-    proc = subprocess.run(_dvc() + ["repro"], env=env)
+    proc = subprocess.run(_dvc() + ["repro"], check=False, env=env)
     if proc.returncode != 0:
         raise CxrcfError(f"dvc repro failed (exit {proc.returncode}); the failing stage's message is above")
     print()
