@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from cxrcf.attributes import AGE_MAX, AGE_MIN, ATTRIBUTES, context, encode, encode_parents
 from cxrcf.errors import CxrcfError
-from cxrcf.fileio import atomic_path
+from cxrcf.fileio import atomic_path, read_json
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT_VERSION = 1
@@ -94,10 +94,7 @@ class GeneratorBundle:
         path = directory / BUNDLE_FILE
         if not path.is_file():
             raise CxrcfError(f"{directory}: missing {BUNDLE_FILE}; not a saved GeneratorBundle")
-        try:
-            info = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CxrcfError(f"{path}: not valid JSON: {err}") from None
+        info = read_json(path)
         if not isinstance(info, dict) or info.get("format_version") != BUNDLE_FORMAT_VERSION:
             raise CxrcfError(f"{path}: expected format_version {BUNDLE_FORMAT_VERSION}")
         parts = {}

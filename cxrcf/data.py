@@ -6,7 +6,6 @@ served from an in-process cache keyed by the files' modification times.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +14,7 @@ import numpy as np
 
 from cxrcf.attributes import VOCAB
 from cxrcf.errors import CxrcfError
+from cxrcf.fileio import read_json
 
 METADATA_COLUMNS = ("id", "path", "subject_id", "sex", "race", "age", "finding", "split")
 SPLITS = ("train", "val", "test")
@@ -139,10 +139,7 @@ def dataset_info(root: str | Path) -> dict:
     path = Path(root) / "dataset.json"
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CxrcfError(f"{path}: not valid JSON: {err}") from None
+    return read_json(path)
 
 
 # -------------------------------------------------------------------------------------- images

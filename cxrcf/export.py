@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from cxrcf.errors import CxrcfError
-from cxrcf.fileio import atomic_path
+from cxrcf.fileio import atomic_path, read_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -66,10 +66,7 @@ def read_config(directory: str | Path) -> dict:
         raise CxrcfError(f"{directory}: model directory does not exist")
     if not path.is_file():
         raise CxrcfError(f"{directory}: missing {CONFIG_FILE}; not an exported model")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CxrcfError(f"{path}: not valid JSON: {err}") from None
+    config = read_json(path)
     if not isinstance(config, dict) or not isinstance(config.get("config"), dict):
         raise CxrcfError(f"{path}: expected an object with 'kind' and 'config'")
     if config.get("kind") not in _KINDS:

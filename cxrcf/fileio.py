@@ -28,6 +28,17 @@ def atomic_path(path: str | Path, suffix: str = ""):
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+def read_json(path: str | Path):
+    """Parse a JSON file; a corrupt one is a user error naming the file."""
+    from cxrcf.errors import CxrcfError
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CxrcfError(f"{path}: not valid JSON: {err}") from None
+
+
 def write_json(path: str | Path, obj, indent: int = 2) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True, default=float) + "\n")

@@ -13,7 +13,6 @@ Top-level imports stay light (the CLI imports this module); torch and MLflow loa
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrcf.errors import CxrcfError
+from cxrcf.fileio import read_json
 from training.common import read_run_id
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous-champion"
@@ -535,10 +535,7 @@ def load_bundle(model_uri: str, client=None):
 def _read_eval(path: Path) -> dict:
     if not path.is_file():
         raise CxrcfError(f"{path}: evaluation JSON does not exist (run cxrcf evaluate first)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CxrcfError(f"{path}: not valid JSON: {err}") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise CxrcfError(f"{path}: expected a JSON object of metrics")
     return data

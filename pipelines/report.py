@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
 import math
 import shutil
 import time
 from pathlib import Path
 
 from cxrcf.errors import CxrcfError
+from cxrcf.fileio import read_json
 
 MODES = ("none", "hard", "soft")
 ATTRS = ("sex", "race", "finding", "age")
@@ -59,10 +59,7 @@ def load_evals(eval_dir: Path) -> dict[str, dict]:
     for mode in MODES:
         path = eval_dir / f"{mode}.json"
         if path.is_file():
-            try:
-                evals[mode] = json.loads(path.read_text())
-            except ValueError as err:
-                raise CxrcfError(f"{path}: not valid JSON ({err})") from None
+            evals[mode] = read_json(path)
             if "amplification" not in evals[mode] or "effectiveness" not in evals[mode]:
                 raise CxrcfError(f"{path}: not an evaluation result (no amplification/effectiveness keys)")
     if not evals:
@@ -322,10 +319,7 @@ def write_report(params, eval_dir, out, study_path=None, log_mlflow: bool = True
         sp = Path(study_path)
         sp = sp / "study.json" if sp.is_dir() else sp
         if sp.is_file():
-            try:
-                study = json.loads(sp.read_text())
-            except ValueError as err:
-                raise CxrcfError(f"{sp}: not valid JSON ({err})") from None
+            study = read_json(sp)
             study_dir = sp.parent
     elements, headline = build(params, evals, eval_dir, study, study_dir)
     with atomic_path(out) as tmp:
