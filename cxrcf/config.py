@@ -275,22 +275,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {
         "data": {"synth": {"n_images": 20000, "resolution": 64}},
         "predictors": {
-            "guidance": {"arch": {"kind": "cnn", "resolution": 32, "width": 32},
-                         "optim": _optim(steps=1000, batch_size=64, lr=1e-3, val_every=250,
-                                         checkpoint_every=500, seed=1)},
+            # Both ResNet-18s, different seeds (the reference's setup). A small CNN as guidance let CFT
+            # fool it without painting effusions: under the independent evaluation predictor do(finding)
+            # scored AUC 0.34 against 0.81 under the CNN itself; with a ResNet-18 guide, 0.72-0.76.
+            "guidance": {"arch": {"kind": "resnet18", "resolution": 32, "width": 16},
+                         "optim": _optim(steps=700, batch_size=64, lr=1e-3, val_every=350,
+                                         checkpoint_every=350, seed=1)},
             "evaluation": {"arch": {"kind": "resnet18", "resolution": 32, "width": 16},
-                           "optim": _optim(steps=800, batch_size=64, lr=1e-3, val_every=200,
-                                           checkpoint_every=400, seed=2)},
+                           "optim": _optim(steps=700, batch_size=64, lr=1e-3, val_every=350,
+                                           checkpoint_every=350, seed=2)},
         },
         "scm": {"steps": 2000},
         "generator": {
             "arch": dict(resolution=32, enc_arch="32b1d2,16b2d2,8b2d8,1b1", dec_arch="1b1,8b2,16b2,32b1",
                          widths=(16, 32, 48, 64), z_dim=8, bottleneck=4, z_max_res=16),
             "beta": 4.0,
-            "optim": _optim(steps=3000, batch_size=32, lr=1e-3, val_every=500, checkpoint_every=500),
+            "optim": _optim(steps=2500, batch_size=32, lr=1e-3, val_every=500, checkpoint_every=500),
         },
-        "cft": {"optim": _optim(steps=1000, batch_size=32, lr=3e-4, warmup_steps=0, val_every=250,
-                                checkpoint_every=500), "slack": 0.02},
+        # EMA 0.995: with 0.999 over 800 steps the exported weights lag far behind the run (the EMA
+        # copy scored do(finding) AUC 0.72 where the live weights scored 0.76).
+        "cft": {"optim": _optim(steps=800, batch_size=32, lr=3e-4, warmup_steps=0, val_every=400,
+                                checkpoint_every=400, ema_rate=0.995), "slack": 0.02},
     },
     "paper": {
         "data": {"synth": {"n_images": 20000, "resolution": 192}},

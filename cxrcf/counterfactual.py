@@ -38,12 +38,21 @@ def counterfactual(hvae, x: torch.Tensor, ctx: torch.Tensor, ctx_star: torch.Ten
     if particles > 1:
         # all particles in one batch: one large pass is cheaper than several small ones
         x, ctx, ctx_star = x.repeat(particles, 1, 1, 1), ctx.repeat(particles, 1), ctx_star.repeat(particles, 1)
-    latents, (loc, logscale) = hvae.abduct_with_pixels(x, ctx, generator=generator)
-    loc_star, logscale_star = hvae.decode(latents, ctx_star)
-    x_star = _predict(loc_star, logscale_star, _noise(x, loc, logscale), t_u)
+    latents, pixels = hvae.abduct_with_pixels(x, ctx, generator=generator)
+    x_star = counterfactual_from_abduction(hvae, x, latents, pixels, ctx_star, t_u)
     if particles > 1:
         x_star = x_star.unflatten(0, (particles, n)).mean(0)
     return x_star.contiguous()
+
+
+def counterfactual_from_abduction(hvae, x: torch.Tensor, latents: list[torch.Tensor],
+                                  pixels: tuple[torch.Tensor, torch.Tensor], ctx_star: torch.Tensor,
+                                  t_u: float = 1.0) -> torch.Tensor:
+    """Action and prediction given an abduction already made: `latents` and the factual
+    (loc, logscale) from `hvae.abduct_with_pixels` or `hvae.elbo_with_abduction`."""
+    loc, logscale = pixels
+    loc_star, logscale_star = hvae.decode(latents, ctx_star)
+    return _predict(loc_star, logscale_star, _noise(x, loc, logscale), t_u)
 
 
 def counterfactuals_shared(hvae, x: torch.Tensor, ctx: torch.Tensor, ctx_stars: list[torch.Tensor],

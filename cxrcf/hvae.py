@@ -309,12 +309,18 @@ class HVAE(nn.Module):
     # ----------------------------------------------------------------------------------- public API
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, beta: float = 1.0) -> dict[str, torch.Tensor]:
         """Per-pixel nats, batch means: loss = nll + beta * kl (the training objective), nelbo = nll + kl."""
+        return self.elbo_with_abduction(x, ctx, beta)[0]
+
+    def elbo_with_abduction(self, x: torch.Tensor, ctx: torch.Tensor, beta: float = 1.0,
+                            generator: torch.Generator | None = None):
+        """The training objective of `forward` plus what abduction would compute from the same
+        posterior pass: (losses, latents, (loc, logscale)). CFT needs both; one pass serves both."""
         self._check(x, ctx)
-        h, _, kl, _ = self._posterior_pass(x, ctx)
+        h, zs, kl, _ = self._posterior_pass(x, ctx, generator=generator)
         loc, logscale = self._pixel_params(h)
         nll = discretized_gaussian_nll(x, loc, logscale).mean()
         kl = kl.mean() / x[0].numel()
-        return {"loss": nll + beta * kl, "nll": nll, "kl": kl, "nelbo": nll + kl}
+        return {"loss": nll + beta * kl, "nll": nll, "kl": kl, "nelbo": nll + kl}, zs, (loc, logscale)
 
     def abduct(self, x: torch.Tensor, ctx: torch.Tensor, t: float | None = None,
                generator: torch.Generator | None = None) -> list[torch.Tensor]:

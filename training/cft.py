@@ -108,19 +108,21 @@ class CFTObjective(nn.Module):
         return self
 
     def forward(self, x, parents, rng):
-        from cxrcf.counterfactual import counterfactual
+        from cxrcf.counterfactual import counterfactual_from_abduction
 
         k = CFT_PARENTS[int(torch.randint(len(CFT_PARENTS), (1,), generator=rng.shared))]
         perm = torch.randperm(len(x), generator=rng.local).to(x.device)
         star = self.scm.counterfactual(parents, {k: parents[k][perm]}, generator=rng.device)
-        x_star = counterfactual(self.model, x, context(parents), context(star), t_u=self.t_u, generator=rng.device)
+        # F and the abduction come from the same posterior sample: one encoder+decoder pass, not two.
+        elbo, latents, pixels = self.model.elbo_with_abduction(x, context(parents), self.beta, generator=rng.device)
+        x_star = counterfactual_from_abduction(self.model, x, latents, pixels, context(star), t_u=self.t_u)
         probs = None
         if self.mode == "soft":
             with torch.no_grad():
                 probs = self.predictor.predict(x)
         targets = cft_targets(self.mode, k, parents, star, probs)
         aux, parts = aux_loss(self.predictor(x_star), targets)
-        f = self.model(x, context(parents), self.beta)["loss"]
+        f = elbo["loss"]
         loss = lagrangian(aux, f, self.eps, self.lam, self.damping)
         out = {"loss": loss, "aux": aux.detach(), "F": f.detach()}
         out.update({f"aux_{a}": v.detach() for a, v in parts.items()})

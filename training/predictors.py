@@ -1,5 +1,5 @@
 """Phase `predictors`: the guidance predictor (frozen inside CFT) and the independent evaluation
-predictor (different seed, and in the cpu/paper presets a different architecture), trained one
+predictor (different seed; the smoke preset also differs in width), trained one
 after the other inside ONE TorchTrainer fit so the workers start once."""
 
 from __future__ import annotations
