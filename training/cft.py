@@ -10,7 +10,6 @@ multiplier rises by gradient ascent while the constraint is violated.
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import torch
@@ -146,12 +145,14 @@ def build_objective(*args) -> CFTObjective:
 
 # ---------------------------------------------------------------------------------------- phase
 def read_eps(generator_dir: str | Path) -> float:
+    from cxrcf.fileio import read_json
+
     path = Path(generator_dir) / "run.json"
+    if not path.is_file():
+        raise CxrcfError(f"{path}: missing; train the generator first (cxrcf train generator)")
     try:
-        eps = json.loads(path.read_text())["metrics"]["eps"]
-    except FileNotFoundError:
-        raise CxrcfError(f"{path}: missing; train the generator first (cxrcf train generator)") from None
-    except (json.JSONDecodeError, KeyError, TypeError):
+        eps = read_json(path)["metrics"]["eps"]
+    except (KeyError, TypeError):
         raise CxrcfError(f"{path}: expected JSON with metrics.eps") from None
     return float(eps)
 

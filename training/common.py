@@ -66,15 +66,15 @@ def write_model(model, out_dir: str | Path, run_id: str, metrics: dict, meta: di
 
 def read_run_id(directory: str | Path) -> str | None:
     """The MLflow run id in a model directory's run.json (None when the directory has none)."""
-    import json
+    from cxrcf.fileio import read_json
 
     path = Path(directory) / "run.json"
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text()).get("run_id")
-    except (ValueError, AttributeError):
-        raise CxrcfError(f"{path}: not a JSON object with run_id") from None
+    run = read_json(path)
+    if not isinstance(run, dict):
+        raise CxrcfError(f"{path}: not a JSON object with run_id")
+    return run.get("run_id")
 
 
 def finish(run_id: str, metrics: dict, metrics_file: str | Path | None, artifacts: dict[str, Path]) -> None:
