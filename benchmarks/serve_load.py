@@ -6,7 +6,10 @@ Self-contained and localhost only: registers an untrained generator bundle of th
 architecture (timing does not depend on the weights) in a temporary MLflow store, serves it with
 `serving.app` on a local Ray cluster, and drives POST /v1/counterfactuals from `concurrency`
 closed-loop clients for a bounded number of requests per level. "Batching off" is the same
-deployment reconfigured to max_batch_size 1. Writes JSON with throughput, p50/p95/p99 latency and
+deployment reconfigured to max_batch_size 1: same CPUs, same threads rule (a batch of one runs on
+one torch thread, which is what unbatched serving is fastest with). Requests go to the replica's
+direct-ingress port (`--via direct`, the default with serve.direct_ingress) or through the Serve
+proxy (`--via proxy`). Writes JSON with throughput, p50/p95/p99 latency and
 the mean batch size the server formed (from each reply's model.batch_size).
 """
 
@@ -46,7 +49,10 @@ def _args(argv=None):
     p.add_argument("--max-batch-size", type=int, default=32, help="the batching-on setting")
     p.add_argument("--batch-wait-timeout-s", type=float, default=None, help="default params.serve's")
     p.add_argument("--image-size", type=int, default=64, help="side of the PNG each request sends")
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per model replica")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs per model replica (default params.serve's)")
+    p.add_argument("--parallel-min-batch", type=int, default=None, help="default params.serve's")
+    p.add_argument("--via", choices=("direct", "proxy"), default="direct",
+                   help="send requests to the replica's direct-ingress port or through the Serve proxy")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (bf16 autocast)")
     p.add_argument("--out", default="artifacts/bench/serve_load.json")
     return p.parse_args(argv)
@@ -124,6 +130,23 @@ async def _level(url: str, bodies: list[bytes], concurrency: int, total: int) ->
             "mean_batch_size": round(float(np.mean(sizes)), 2) if sizes else 0.0}
 
 
+def _direct_url(cfg, timeout_s: float = 120.0) -> str:
+    """The one replica's direct URL once it is the redeployed one (a redeploy rolls the replica onto a
+    new port, and the old one answers while it drains)."""
+    import httpx
+
+    from serving import ingress
+    from serving.app import APP_NAME
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = ingress.wait_urls(cfg, APP_NAME)
+        if len(found) == 1 and httpx.get(found[0] + "/v1/model").json()["stats"]["max_batch_size"] == cfg.max_batch_size:
+            return found[0]
+        time.sleep(0.5)
+    raise RuntimeError(f"no single replica with max_batch_size {cfg.max_batch_size} after {timeout_s:.0f}s")
+
+
 def main(argv=None) -> int:
     args = _args(argv)
     from cxrcf.config import ServeConfig, preset_params
@@ -139,30 +162,37 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
+    from serving import ingress
     from serving.app import APP_NAME, build_app, wait_ready
 
     base = params.serve.model_dump()
-    base.update(num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_batch_size=args.max_batch_size,
+    base.update({k: v for k, v in {"num_cpus": args.num_cpus, "parallel_min_batch": args.parallel_min_batch}.items()
+                 if v is not None})
+    base.update(num_gpus=args.num_gpus, max_batch_size=args.max_batch_size, direct_ingress=args.via == "direct",
                 max_ongoing_requests=max(base["max_ongoing_requests"], 2 * args.max_batch_size, max(args.concurrency)),
                 reload_poll_s=3600.0)
     if args.batch_wait_timeout_s is not None:
         base["batch_wait_timeout_s"] = args.batch_wait_timeout_s
     port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    proxy_url = f"http://127.0.0.1:{port}"
     bodies = [json.dumps(_body(args.image_size, i)).encode() for i in range(16)]
     results = []
+    os.environ.update(ingress.ray_env(ServeConfig.model_validate(base)))
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for batching in (True, False):
             cfg = ServeConfig.model_validate({**base, **({} if batching else {"max_batch_size": 1})})
             serve.run(build_app(cfg, name, alias="champion"), name=APP_NAME, route_prefix="/", blocking=False)
-            health = wait_ready(url)
+            health = wait_ready(proxy_url)
+            url = _direct_url(cfg) if args.via == "direct" else proxy_url
             info = json.loads(__import__("httpx").get(url + "/v1/model").text)
             print(f"serve_load: batching {'on' if batching else 'off'} (max_batch_size {cfg.max_batch_size}, "
-                  f"wait {cfg.batch_wait_timeout_s}s) model {health['model']} v{health['version']} on {info['device']}",
-                  flush=True)
-            asyncio.run(_level(url, bodies, 4, 16))  # warm-up: first passes allocate and compile kernels
+                  f"wait {cfg.batch_wait_timeout_s}s) model {health['model']} v{health['version']} on {info['device']}"
+                  f" via {url} ({args.via})", flush=True)
+            # warm-up: the first pass of each batch shape allocates and picks kernels
+            top = max(args.concurrency)
+            asyncio.run(_level(url, bodies, top, 4 * top))
             for c in args.concurrency:
                 total = args.requests or min(640, max(200, 10 * c))
                 row = asyncio.run(_level(url, bodies, c, total))
@@ -190,8 +220,10 @@ def main(argv=None) -> int:
         "benchmark": "serve_load",
         "preset": args.preset,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                    "device": device, "num_cpus_per_replica": args.num_cpus, "num_gpus_per_replica": args.num_gpus},
+                    "device": device, "num_gpus_per_replica": args.num_gpus},
         "request": {"image_size": args.image_size, "interventions_per_request": 1},
+        "serving": {"via": args.via, "num_cpus_per_replica": base["num_cpus"],
+                    "parallel_min_batch": base["parallel_min_batch"]},
         "results": results,
         "summary": summary,
         "target": {"concurrency": 32, "min_throughput_speedup": 3.0, "max_p99_ratio": 1.0,

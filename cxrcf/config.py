@@ -189,7 +189,8 @@ class ServeConfig(Strict):
     model_alias: str = "champion"
     num_replicas: int | Literal["auto"] = 1
     max_replicas: int = Field(2, ge=1)
-    num_cpus: float = Field(1.0, gt=0)
+    # CPUs per replica, which is also its torch thread count for large batches (parallel_min_batch)
+    num_cpus: float = Field(2.0, gt=0)
     num_gpus: float = Field(0.0, ge=0)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.02, ge=0)
@@ -197,11 +198,25 @@ class ServeConfig(Strict):
     max_interventions: int = Field(8, ge=1)
     max_body_bytes: int = Field(8_000_000, ge=1024)
     reload_poll_s: float = Field(5.0, gt=0)
+    # Batches smaller than this run on one torch thread: a small pass gains little from a second
+    # thread, whose spinning takes the CPU that the replica's event loop needs to parse requests.
+    parallel_min_batch: int = Field(12, ge=1)
+    # Ray Serve direct ingress: every replica also answers HTTP on its own port, from
+    # direct_port upwards, so that clients can skip the Serve proxy (port keeps working).
+    direct_ingress: bool = True
+    direct_port: int = Field(8100, ge=1, le=65535 - 99)
 
     @model_validator(mode="after")
     def _batches_can_fill(self):
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size or batches never fill")
+        return self
+
+    @model_validator(mode="after")
+    def _ports_apart(self):
+        if self.direct_ingress and self.direct_port <= self.port < self.direct_port + 100:
+            raise ValueError(f"port {self.port} lies in the replicas' direct ports "
+                             f"{self.direct_port}-{self.direct_port + 99}; move serve.direct_port")
         return self
 
 

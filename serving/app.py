@@ -8,7 +8,11 @@
   client sends can fail a batch; only then do they await the `@serve.batch` method, which runs one
   batched forward pass in a worker thread so the event loop keeps accepting and queueing requests.
 - One deployment rather than an ingress plus a model deployment: on a small CPU machine the extra
-  actor hop per request cost more than the batching saved. Replicas (fixed or autoscaled) and
+  actor hop per request cost more than the batching saved. For the same reason clients may skip
+  Serve's proxy altogether: with `serve.direct_ingress` each replica answers on its own port too
+  (serving/ingress.py).
+- A batch of at least `parallel_min_batch` requests runs on as many torch threads as the replica
+  has CPUs; smaller ones on one, which batch-1 serving is fastest with. Replicas (fixed or autoscaled) and
   `num_gpus` per replica scale the whole service; on GPU the pass runs under bf16 autocast.
 - Run-time settings live in the deployment's user_config and are applied by `reconfigure`:
   max_batch_size, batch_wait_timeout_s, reload_poll_s, body and intervention limits, and the
@@ -199,22 +203,57 @@ async def _invalid(_: Request, err: RequestValidationError):
     return JSONResponse(error_body(field_errors(list(err.errors()))), 422)
 
 
-@api.middleware("http")
-async def _limit_body(request: Request, call_next):
-    limit = runtime()["max_body_bytes"]
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            return JSONResponse(error_body([FieldError(field="content-length", message="not a number")]), 400)
-        size = int(declared)
-    elif request.method in ("POST", "PUT", "PATCH"):
-        size = len(await request.body())
-    else:
-        size = 0
-    if size > limit:
-        return JSONResponse(error_body([FieldError(
-            field="body", message=f"{size} bytes is over the limit of {limit} (serve.max_body_bytes)")]), 413)
-    return await call_next(request)
+class BodyLimit:
+    """Refuse a body over serve.max_body_bytes with a 413 before the app reads it.
+
+    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware wraps every
+    request in a task group and a re-streamed body, which cost a measurable share of the replica's
+    event loop per request under load.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = runtime()["max_body_bytes"]
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None:
+            if not declared.isdigit():
+                return await _refuse(400, "content-length", "not a number", scope, receive, send)
+            if int(declared) > limit:
+                return await _refuse(413, "body", f"{int(declared)} bytes is over the limit of {limit} "
+                                     "(serve.max_body_bytes)", scope, receive, send)
+            return await self.app(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        # no declared length (chunked upload): read at most limit + 1 bytes, then replay what was read
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                return await _refuse(413, "body", f"over {limit} bytes, the limit (serve.max_body_bytes)",
+                                     scope, receive, send)
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, replayed, send)
+
+
+async def _refuse(status: int, field: str, message: str, scope, receive, send) -> None:
+    response = JSONResponse(error_body([FieldError(field=field, message=message)]), status)
+    await response(scope, receive, send)
+
+
+api.add_middleware(BodyLimit)
 
 
 _key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="one of CXRCF_API_KEYS")
@@ -287,18 +326,22 @@ class CounterfactualService:
 
         source = ModelSource.model_validate(source)
         os.environ.update(source.env)
-        # intra-op threads beyond the CPUs Ray reserved for this replica only fight the other replicas
+        # Torch threads: one for small batches, the CPUs Ray reserved for this replica for large ones
+        # (parallel_min_batch); more than reserved would only fight the other replicas.
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(max(1, int(cpus)))
+        self._cpus = max(1, int(cpus))
+        torch.set_num_threads(1)
         self._slot = ModelSlot(source)
         self._data_root = data_root
         self._batching = (8, 0.02)  # what @serve.batch below starts with, until reconfigure
+        self._parallel_min_batch = ServeConfig().parallel_min_batch
         self._batches = 0
         self._requests = 0
 
     def reconfigure(self, config: dict) -> None:
         configure_runtime(config)
         self._batching = (int(config["max_batch_size"]), float(config["batch_wait_timeout_s"]))
+        self._parallel_min_batch = int(config["parallel_min_batch"])
         self.batched.set_max_batch_size(self._batching[0])
         self.batched.set_batch_wait_timeout_s(self._batching[1])
         self._slot.follow(float(config["reload_poll_s"]))
@@ -311,7 +354,8 @@ class CounterfactualService:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def batched(self, items: list[Item]) -> list[tuple[ItemResult, dict]]:
         state = self._slot.state
-        results = await asyncio.to_thread(run_batch, state.bundle, items)
+        threads = self._cpus if len(items) >= self._parallel_min_batch else 1
+        results = await asyncio.to_thread(run_batch, state.bundle, items, threads)
         self._batches += 1
         self._requests += len(items)
         ref = {"name": state.name, "version": state.version, "alias": state.alias, "mode": state.mode}
@@ -377,6 +421,7 @@ class CounterfactualService:
 def user_config(cfg: ServeConfig, api_keys: list[str]) -> dict:
     return {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
             "reload_poll_s": cfg.reload_poll_s, "max_body_bytes": cfg.max_body_bytes,
+            "parallel_min_batch": cfg.parallel_min_batch,
             "max_interventions": cfg.max_interventions, "api_key_digests": auth.digests(api_keys)}
 
 

@@ -6,7 +6,9 @@
 
 Defaults come from params.serve (127.0.0.1:8000, alias champion) and params.registry.generator_name.
 API keys: CXRCF_API_KEYS (comma-separated); required when --host is not a loopback address.
-Uses the Ray cluster of RAY_ADDRESS when set, else starts a local one.
+Uses the Ray cluster of RAY_ADDRESS when set, else starts a local one. With serve.direct_ingress
+(default) each replica also answers on its own port from serve.direct_port (8100) up, skipping
+Serve's proxy: the fast path for heavy clients (serving/ingress.py).
 """
 
 from __future__ import annotations
@@ -103,12 +105,18 @@ def main(argv: list[str]) -> int:
     print(f"serve: models:/{name}{'@' + alias if alias else ''} is version {version}; starting Ray Serve",
           file=sys.stderr, flush=True)
 
+    from serving import ingress
+
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        os.environ.update(ingress.ray_env(cfg))  # read by the local cluster ray.init starts below
+
     import ray
     from ray import serve
 
     from serving.app import APP_NAME, build_app, wait_ready
 
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
     # service managers stop with SIGTERM (and a backgrounded shell job ignores SIGINT): stop cleanly
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -119,6 +127,14 @@ def main(argv: list[str]) -> int:
         health = wait_ready(url)
         print(f"serve: ready at {url} (model {health['model']} version {health['version']}; docs at {url}/docs; "
               f"auth {'on' if keys else 'off'}); Ctrl-C stops", file=sys.stderr, flush=True)
+        if cfg.direct_ingress:
+            try:
+                direct = ingress.wait_urls(cfg, APP_NAME, timeout_s=30.0)
+                print(f"serve: fast path without the Serve proxy (same API): {', '.join(direct)}",
+                      file=sys.stderr, flush=True)
+            except CxrcfError as err:
+                print(f"serve: no direct replica ports, serving through {url} only ({err})",
+                      file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -64,7 +64,8 @@ def _codes(parents: dict, i: int) -> dict[str, float]:
     return {a: float(parents[a][i]) for a in ATTRIBUTES}
 
 
-def run_batch(bundle, items: list[Item]) -> list[ItemResult]:
+def run_batch(bundle, items: list[Item], threads: int | None = None) -> list[ItemResult]:
+    """`threads`: torch intra-op threads for this pass (process-wide; a replica runs one batch at a time)."""
     import torch
 
     from cxrcf.attributes import context
@@ -72,6 +73,8 @@ def run_batch(bundle, items: list[Item]) -> list[ItemResult]:
     from cxrcf.counterfactual import counterfactual
     from cxrcf.data import from_model_images, to_model_images
 
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     device = bundle.device
     res = bundle.resolution
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"

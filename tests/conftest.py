@@ -26,7 +26,11 @@ for _k, _v in {
 def ray_cluster():
     import ray
 
+    from cxrcf.config import ServeConfig
+    from serving import ingress
+
     if not ray.is_initialized():
+        os.environ.update(ingress.ray_env(ServeConfig()))  # replicas get direct ports, as `cxrcf serve` gives them
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     from ray import serve

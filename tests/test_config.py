@@ -41,6 +41,7 @@ def test_missing_file_means_the_default_preset(tmp_path):
         ("data:\n  synth:\n    split: {train: 0.5}\n", r"data\.synth\.split: .*must be 1, got 0\.7"),
         ("preset: huge\n", r"preset = 'huge': unknown preset; expected one of smoke, cpu, paper"),
         ("serve:\n  port: 70000\n", r"serve\.port = 70000: .*less than or equal to 65535"),
+        ("serve:\n  port: 8150\n", r"serve: .*port 8150 lies in the replicas' direct ports 8100-8199"),
         ("cft:\n  modes: [hard, medium]\n", r"cft\.modes\.1 = 'medium': .*'hard' or 'soft'"),
     ],
 )

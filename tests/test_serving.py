@@ -260,6 +260,46 @@ def test_malformed_json_and_oversized_body(server):
     assert r.status_code == 413 and "serve.max_body_bytes" in r.json()["detail"]
 
 
+def test_chunked_body_is_limited_and_replayed(server):
+    """Without a content-length the limit still holds, and a body under it reaches the route intact."""
+    http = server["http"]
+    body = json.dumps({"image": _png(_image(seed=2)), "parents": PARENTS,
+                       "interventions": [{"sex": "female"}]}).encode()
+
+    def chunks(data: bytes):
+        for i in range(0, len(data), 1000):
+            yield data[i:i + 1000]
+
+    ok = http.post("/v1/counterfactuals", content=chunks(body), headers={"content-type": "application/json"})
+    assert "content-length" not in ok.request.headers and ok.status_code == 200, ok.text
+    big = json.dumps({"image": "A" * 250_000, "interventions": [{"sex": "female"}]}).encode()
+    refused = http.post("/v1/counterfactuals", content=chunks(big), headers={"content-type": "application/json"})
+    assert refused.status_code == 413 and refused.json()["errors"][0]["field"] == "body"
+    assert "serve.max_body_bytes" in refused.json()["detail"]
+
+
+def test_direct_ingress_serves_the_same_api(server):
+    """The replica's own port (serve.direct_ingress) answers like the proxy, limits and all."""
+    from serving import ingress
+    from serving.app import APP_NAME
+
+    urls = ingress.wait_urls(_serve_config(), APP_NAME)
+    assert len(urls) == 1 and urls[0] != server["url"]
+    port = int(urls[0].rsplit(":", 1)[1])
+    assert _serve_config().direct_port <= port < _serve_config().direct_port + ingress.PORT_SPAN
+    body = {"image": _png(_image(seed=4)), "parents": PARENTS, "interventions": [{"age": 80.0}], "seed": 9}
+    with httpx.Client(base_url=urls[0], timeout=60.0) as direct:
+        assert direct.get("/healthz").json()["model"] == MODEL
+        via_direct = direct.post("/v1/counterfactuals", json=body)
+        oversized = direct.post("/v1/counterfactuals", json={"image": "A" * 250_000, "interventions": [{"sex": "male"}]})
+        bad_age = direct.post("/v1/counterfactuals", json={**body, "parents": {**PARENTS, "age": 130}})
+    via_proxy = _post(server, body)
+    assert via_direct.status_code == via_proxy.status_code == 200, via_direct.text
+    assert via_direct.json()["counterfactuals"][0]["image"] == via_proxy.json()["counterfactuals"][0]["image"]
+    assert oversized.status_code == 413
+    assert bad_age.status_code == 422 and bad_age.json()["errors"][0]["field"] == "parents.age"
+
+
 def test_gray_rgb_png_is_accepted(server):
     r = _post(server, {"image": _rgb(False), "parents": PARENTS, "interventions": [{"sex": "female"}]})
     assert r.status_code == 200, r.text
