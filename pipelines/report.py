@@ -239,6 +239,21 @@ def build(params, evals: dict, eval_dir: Path, study: dict | None, study_dir: Pa
         if study_dir and (study_dir / "study_curve.png").is_file():
             el.append(("img", study_dir / "study_curve.png", "figures/study_curve.png",
                        "Amplification against effectiveness across CFT strengths."))
+    occlusion = study_dir / "occlusion.json" if study_dir else None
+    if occlusion and occlusion.is_file():
+        from cxrcf.fileio import read_json
+        from pipelines.occlusion import table_rows
+
+        found = read_json(occlusion)
+        el.append(("h2", "Where sex evidence goes under do(finding) (pipelines/occlusion.py)"))
+        el.append(("p", ("AMP(sex | do(finding)) of x*, and of composites that keep only the lower or only the "
+                         f"upper part of the edit (split at row {found['rows'][0]['split_row']} of "
+                         f"{found['rows'][0]['resolution']}); then separately for images that gain an effusion "
+                         "and images that lose one, the mean brightness change of the lower half "
+                         "(fluid is opaque: positive when one is added), and the per-image correlation of "
+                         "that change with the sex shift. Occlusion by the painted effusion shows as a "
+                         "lower-half effect that is negative for gains and positive for losses.")))
+        el.append(("table", *table_rows(found["rows"])))
     return el, headline
 
 

@@ -61,3 +61,31 @@ def tiny_bundle(seed: int = 0):
         scm.fit(synthetic_parents(512, seed=seed))
     meta = {"name": "tiny", "mode": "none", "preset": "smoke", "metrics": {}, "lineage": {"seed": seed}}
     return GeneratorBundle(hvae, scm, predictor, meta)
+
+
+def occlusion_evaluator(n: int = 64, res: int = 8, seed: int = 0):
+    """A stand-in for pipelines.evaluate._Evaluator, as pipelines.occlusion.analyse reads it.
+
+    The lower half of each image holds the sex cue (+0.5 female, -0.5 male) and the predictor reads
+    its contrast, P(female) = sigmoid(4 x mean of the lower half); row 0 is where an "effusion" shows,
+    P(finding) = sigmoid(10 x mean of row 0).
+    """
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sex = rng.integers(0, 2, n)
+    finding = rng.integers(0, 2, n)
+    x = torch.zeros(n, 1, res, res)
+    x[:, :, res // 2:, :] = torch.as_tensor(np.where(sex == 1, 0.5, -0.5), dtype=torch.float32)[:, None, None, None]
+
+    def predict(images):
+        cue = images[..., res // 2:, :].mean(dim=(1, 2, 3))
+        fluid = images[..., 0, :].mean(dim=(1, 2))
+        return {"sex": torch.sigmoid(4 * cue).numpy(), "finding": torch.sigmoid(10 * fluid).numpy()}
+
+    ev = SimpleNamespace(resolution=res, x=x, parents_np={"sex": sex, "finding": finding})
+    ev._predict = predict
+    ev.real_probs = predict(x)
+    return ev

@@ -6,8 +6,10 @@ import json
 import shutil
 
 import pytest
+from helpers import occlusion_evaluator
 
 from cxrcf.config import preset_params
+from pipelines.occlusion import analyse
 
 
 @pytest.fixture(scope="module")
@@ -89,15 +91,20 @@ def test_report_markdown_html_and_mlflow_run(eval_dir, study_dir, tmp_path, mlfl
     from pipelines.report import write_report
 
     params = preset_params("smoke", mlflow={"experiment": "test-report"})
+    ev = occlusion_evaluator()
+    occlusion = {"rows": [analyse(ev, ev.x.clone(), "identity-generator")]}
+    (study_dir / "occlusion.json").write_text(json.dumps(occlusion))
     out = tmp_path / "report"
     res = write_report(params, eval_dir, out, study_dir)
     md = (out / "report.md").read_text()
     evals = _evals(eval_dir)
     for heading in ("## Effectiveness", "## Amplification", "## Composition, reversibility and ground truth",
-                    "## Strength sweep", "## Verdict at the pipeline's strength", "## Other values of t_u"):
+                    "## Strength sweep", "## Verdict at the pipeline's strength", "## Other values of t_u",
+                    "## Where sex evidence goes under do(finding)"):
         assert heading in md
     assert "| AMP(j \\| do k) | none | hard | soft | soft / hard |" in md
     assert "finding\\|do(sex)" in md
+    assert "| identity-generator | " in md and "split at row 4 of 8" in md
     # The soft/hard ratio of the mean row is the ratio of the two JSONs' means (or '-' if hard <= 0).
     h, s = evals["hard"]["amplification"]["mean"], evals["soft"]["amplification"]["mean"]
     mean_row = next(line for line in md.splitlines() if line.startswith("| **mean over pairs**"))
