@@ -251,8 +251,9 @@ def build(params, evals: dict, eval_dir: Path, study: dict | None, study_dir: Pa
                          f"{found['rows'][0]['resolution']}); then separately for images that gain an effusion "
                          "and images that lose one, the mean brightness change of the lower half "
                          "(fluid is opaque: positive when one is added), and the per-image correlation of "
-                         "that change with the sex shift. Occlusion by the painted effusion shows as a "
-                         "lower-half effect that is negative for gains and positive for losses.")))
+                         "that change with the sex shift. Occlusion of the sex cue by the painted effusion "
+                         "would show as a lower-half effect, negative for gains and positive for losses; a "
+                         "correlation near 0 says the loss does not grow with how much brighter that half gets.")))
         el.append(("table", *table_rows(found["rows"])))
     return el, headline
 
