@@ -15,6 +15,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "train": ("training.cli", "train predictors, the attribute SCM, the HVAE, and hard/soft CFT on Ray Train"),
     "evaluate": ("pipelines.evaluate", "effectiveness, amplification, composition, ground truth of a generator"),
     "study": ("pipelines.study", "the CFT strength sweep: hard vs soft across slacks and seeds"),
+    "occlusion": ("pipelines.occlusion", "where sex evidence goes under do(finding): the study's spatial test"),
     "report": ("pipelines.report", "markdown/HTML report comparing none / hard / soft CFT"),
     "registry": ("pipelines.registry_cli", "register, promote, rollback, list and show model versions"),
     "serve": ("serving.cli", "serve counterfactuals over HTTP with Ray Serve"),

@@ -215,8 +215,8 @@ class ServeConfig(Strict):
     @model_validator(mode="after")
     def _ports_apart(self):
         if self.direct_ingress and self.direct_port <= self.port < self.direct_port + 100:
-            raise ValueError(f"port {self.port} lies in the replicas' direct ports "
-                             f"{self.direct_port}-{self.direct_port + 99}; move serve.direct_port")
+            raise ValueError(f"port {self.port} lies in the replicas' direct ports {self.direct_port}-"
+                             f"{self.direct_port + 99} (direct_port {self.direct_port}); move one of them")
         return self
 
 
@@ -355,7 +355,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         reason = e["msg"]
         if e["type"] == "extra_forbidden":
             reason = "unknown key"
-        lines.append(f"{source}: {key}{shown}: {reason}")
+        # a model-level check has no key of its own: its message names the keys
+        lines.append(f"{source}: {reason}" if key == "(root)" else f"{source}: {key}{shown}: {reason}")
     return "\n".join(lines)
 
 

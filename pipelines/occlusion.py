@@ -1,6 +1,6 @@
 """Where does sex evidence go under do(finding)? A spatial test of the study's erasure finding.
 
-    python -m pipelines.occlusion --generator [NAME=]DIR [--generator ...] --scm DIR --predictor DIR
+    cxrcf occlusion --generator [NAME=]DIR [--generator ...] --scm DIR --predictor DIR
                                   [--data data] [--params params.yaml] [--out artifacts/study/occlusion.json]
 
 The study found that CFT models *lose* evidence of the patient's sex when they add or remove an
@@ -110,8 +110,8 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="cxrcf occlusion", description=__doc__.splitlines()[0])
     p.add_argument("--generator", action="append", required=True,
                    help="HVAE export directory, optionally named: hard=artifacts/models/cft_hard (repeatable)")
     p.add_argument("--scm", required=True)
@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     data_root = Path(args.data or params.data.root)
     named = [g.split("=", 1) if "=" in g else [g, g] for g in args.generator]
+    for flag, path in [("--generator", d) for _, d in named] + [("--scm", args.scm), ("--predictor", args.predictor)]:
+        if not Path(path).is_dir():
+            raise CxrcfError(f"{flag} {path}: model directory does not exist")
     hvae, scm, predictor, _, _ = load_components(named[0][1], args.scm, args.predictor)
     ev = _Evaluator(params, data_root, hvae, scm, predictor, torch.device("cpu"))
     if ev.truth is None:
@@ -149,6 +152,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[occlusion] wrote {args.out}")
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
