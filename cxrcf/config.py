@@ -183,6 +183,9 @@ class RegistryConfig(Strict):
     gates: GatesConfig = GatesConfig()
 
 
+DIRECT_PORT_SPAN = 100  # ports from serve.direct_port that replicas may take (a rolling update needs a spare)
+
+
 class ServeConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -204,7 +207,7 @@ class ServeConfig(Strict):
     # Ray Serve direct ingress: every replica also answers HTTP on its own port, from
     # direct_port upwards, so that clients can skip the Serve proxy (port keeps working).
     direct_ingress: bool = True
-    direct_port: int = Field(8100, ge=1, le=65535 - 99)
+    direct_port: int = Field(8100, ge=1, le=65536 - DIRECT_PORT_SPAN)
 
     @model_validator(mode="after")
     def _batches_can_fill(self):
@@ -214,10 +217,19 @@ class ServeConfig(Strict):
 
     @model_validator(mode="after")
     def _ports_apart(self):
-        if self.direct_ingress and self.direct_port <= self.port < self.direct_port + 100:
+        if self.direct_ingress and self.port in self.direct_ports:
             raise ValueError(f"port {self.port} lies in the replicas' direct ports {self.direct_port}-"
-                             f"{self.direct_port + 99} (direct_port {self.direct_port}); move one of them")
+                             f"{self.direct_ports[-1]} (direct_port {self.direct_port}); move one of them")
         return self
+
+    @property
+    def direct_ports(self) -> range:
+        return range(self.direct_port, self.direct_port + DIRECT_PORT_SPAN)
+
+    @property
+    def client_host(self) -> str:
+        """Where a client on this machine reaches a server bound to `host` (a wildcard means loopback)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
 
 
 class AugmentConfig(Strict):

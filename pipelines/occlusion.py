@@ -60,20 +60,18 @@ def analyse(ev, x_star, label: str) -> dict:
     variants = {"whole": x_star, "lower_edit": composite(ev.x, x_star, split),
                 "upper_edit": composite(x_star, ev.x, split)}
     out = {"label": label, "split_row": split, "resolution": res}
-    for name, images in variants.items():
-        shift = sex_shift(before, ev._predict(images)["sex"], sex)
+    probs = {name: ev._predict(images) for name, images in variants.items()}
+    shifts = {name: sex_shift(before, p["sex"], sex) for name, p in probs.items()}
+    for name, shift in shifts.items():
         out[name] = {"all": _summary(shift), "gain": _summary(shift[gains]), "loss": _summary(shift[~gains])}
-        if name == "whole":
-            whole_shift = shift
     edit = (x_star - ev.x)[..., split:, :].mean(dim=(1, 2, 3)).numpy()
     out["lower_edit_size"] = {"gain": _summary(edit[gains]), "loss": _summary(edit[~gains])}
     # Bigger effusions, more lost evidence? Signed so that "more fluid" is positive in both directions.
     fluid = np.where(gains, edit, -edit)
-    out["corr_fluid_vs_sex_shift"] = float(np.corrcoef(fluid, whole_shift)[0, 1])
+    out["corr_fluid_vs_sex_shift"] = float(np.corrcoef(fluid, shifts["whole"])[0, 1])
     from pipelines import metrics as M
 
-    target = 1 - ev.parents_np["finding"]
-    out["finding_auc"] = M.roc_auc(ev._predict(x_star)["finding"], target)
+    out["finding_auc"] = M.roc_auc(probs["whole"]["finding"], 1 - ev.parents_np["finding"])
     return out
 
 
@@ -101,10 +99,10 @@ def table_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
               "gaining / losing an effusion", "lower-half edit (gain / loss)", "corr(fluid, shift)"]
     out = []
     for r in rows:
-        w, g, size = r["whole"], r["whole"], r["lower_edit_size"]
+        w, size = r["whole"], r["lower_edit_size"]
         out.append([r["label"], f"{r['finding_auc']:.2f}", f"{w['all']['mean']:+.3f} ± {w['all']['stderr']:.3f}",
                     f"{r['lower_edit']['all']['mean']:+.3f}", f"{r['upper_edit']['all']['mean']:+.3f}",
-                    f"{g['gain']['mean']:+.3f} / {g['loss']['mean']:+.3f}",
+                    f"{w['gain']['mean']:+.3f} / {w['loss']['mean']:+.3f}",
                     f"{size['gain']['mean']:+.3f} / {size['loss']['mean']:+.3f}",
                     f"{r['corr_fluid_vs_sex_shift']:+.2f}"])
     return header, out

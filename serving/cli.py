@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(build_app(cfg, name, alias=alias, version=args.version, data_root=args.data, api_keys=keys),
                   name=APP_NAME, route_prefix="/", blocking=False)
-        url = f"http://{'127.0.0.1' if cfg.host in ('0.0.0.0', '::') else cfg.host}:{cfg.port}"
+        url = f"http://{cfg.client_host}:{cfg.port}"
         health = wait_ready(url)
         print(f"serve: ready at {url} (model {health['model']} version {health['version']}; docs at {url}/docs; "
               f"auth {'on' if keys else 'off'}); Ctrl-C stops", file=sys.stderr, flush=True)

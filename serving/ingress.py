@@ -21,7 +21,6 @@ import httpx
 from cxrcf.config import ServeConfig
 from cxrcf.errors import CxrcfError
 
-PORT_SPAN = 100  # ports from direct_port that replicas may take (a rolling update needs a spare one)
 # Ray holds a stopping replica open this long so that load balancers can deregister it (30 s by
 # default); clients here connect to replicas directly, and in-flight requests are waited for anyway.
 DRAIN_S = 2.0
@@ -32,13 +31,9 @@ def ray_env(cfg: ServeConfig) -> dict[str, str]:
     if not cfg.direct_ingress:
         return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(cfg.direct_port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(cfg.direct_port + PORT_SPAN - 1),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(cfg.direct_ports[0]),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(cfg.direct_ports[-1]),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_S)}
-
-
-def _loopback(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def urls(cfg: ServeConfig, app_name: str) -> list[str]:
@@ -50,10 +45,9 @@ def urls(cfg: ServeConfig, app_name: str) -> list[str]:
         return []
     controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
     groups = ray.get(controller.get_target_groups.remote(app_name))
-    ports = sorted({t.port for g in groups if g.protocol == "HTTP" for t in g.targets
-                    if cfg.direct_port <= t.port < cfg.direct_port + PORT_SPAN})
+    ports = sorted({t.port for g in groups if g.protocol == "HTTP" for t in g.targets if t.port in cfg.direct_ports})
     # replicas bind the address Serve's HTTP options name; the controller reports the node's IP
-    return [f"http://{_loopback(cfg.host)}:{p}" for p in ports]
+    return [f"http://{cfg.client_host}:{p}" for p in ports]
 
 
 def wait_urls(cfg: ServeConfig, app_name: str, replicas: int = 1, timeout_s: float = 60.0) -> list[str]:
@@ -68,7 +62,7 @@ def wait_urls(cfg: ServeConfig, app_name: str, replicas: int = 1, timeout_s: flo
             return found
         time.sleep(0.25)
     raise CxrcfError(f"serve.direct_ingress: {len(found)} of {replicas} replica(s) answered on ports "
-                     f"{cfg.direct_port}-{cfg.direct_port + PORT_SPAN - 1} after {timeout_s:.0f}s (a Ray "
+                     f"{cfg.direct_ports[0]}-{cfg.direct_ports[-1]} after {timeout_s:.0f}s (a Ray "
                      "cluster started without RAY_SERVE_ENABLE_DIRECT_INGRESS=1 has none)")
 
 
