@@ -158,6 +158,84 @@ def render(attrs: Mapping[str, np.ndarray], exo: Mapping[str, np.ndarray], resol
     return out
 
 
+EVIDENCE_UNITS = {
+    "eff_right": "fraction of the right lung's height (image left) filled by effusion",
+    "eff_left": "fraction of the left lung's height (image right) filled by effusion",
+    "eff_max": "fraction of lung height, the larger of the two sides",
+    "breast_amp": "attenuation units (pre-exposure intensity; the image is offset + ~1.75 * A)",
+    "shoulder_amp": "attenuation units",
+    "texture_amp": "attenuation units of lung texture contrast",
+    "density": "attenuation units of soft tissue",
+    "haze": "attenuation units of basal haze (noise only)",
+    "bone": "relative bone density (1 = average)",
+    "hilum_amp": "attenuation units of the hila",
+}
+EVIDENCE_COLUMNS = tuple(EVIDENCE_UNITS)
+# Which evidence carries each attribute: what an intervention on another attribute must leave alone.
+EVIDENCE_OF = {
+    "finding": ("eff_max",), "sex": ("breast_amp", "shoulder_amp"),
+    "race": ("texture_amp", "density"), "age": ("bone", "hilum_amp"),
+}
+
+
+def _scalars(a, e) -> dict:
+    """The per-image scalars the renderer draws from, as (N, 1, 1) float32 arrays.
+
+    One computation shared by `_render_chunk` and `evidence`, so the recorded evidence is exactly
+    what was painted.
+    """
+    f32 = np.float32
+    sex = _col(a["sex"])
+    race = np.asarray(a["race"], dtype=np.int64)
+    age = _col(a["age"])
+    finding = _col(a["finding"])
+    z = {k: _col(e[k]) for k in NORMAL_NOISE}
+    age_n = (age - f32(55.0)) / f32(40.0)  # about -1..1 over the adult range
+    density = f32(0.33) + f32(0.025) * RACE_DENSITY[race][:, None, None] + f32(0.02) * z["z_density"]
+    # Shoulder girdle soft tissue, broader in men on average.
+    shoulder_amp = np.maximum(f32(0.0), f32(0.05) + f32(0.035) * (1 - sex) + f32(0.02) * z["z_shoulder"])
+    haze = f32(0.025) / (f32(1.0) + np.exp(-z["z_haze"]))  # basal haze present with or without effusion
+    bone = f32(1.0) + f32(0.08) * z["z_bone"] - f32(0.05) * age_n  # bone density falls slowly with age
+
+    eff_main = f32(0.6) / (f32(1.0) + np.exp(-(f32(1.4) * z["z_eff"] + f32(0.2))))
+    eff_main = eff_main * eff_main * finding  # fraction of lung height filled; continuous, often tiny
+    eff_other = f32(0.45) / (f32(1.0) + np.exp(-(f32(1.4) * z["z_eff_other"] - f32(0.4))))
+    eff_other = eff_other * eff_other * finding
+    u_side = _col(e["u_side"])
+    # Right (image left) alone, left alone, or both sides. Known quirk kept for the pinned images:
+    # with u_side >= 0.8 both sides get eff_other and eff_main is unused.
+    eff_right = np.where(u_side < 0.5, eff_main, np.where(u_side < 0.8, 0, eff_other))
+    eff_left = np.where(u_side < 0.5, 0, np.where(u_side < 0.8, eff_main, eff_other))
+    # Lung texture: vessels and parenchyma, contrast linked (weakly) to race.
+    tex_amp = f32(0.05) * RACE_TEXTURE[race][:, None, None] * np.exp(f32(0.2) * z["z_texture"])
+    hil_amp = np.maximum(f32(0.0), f32(0.05) + f32(0.012) * age_n + f32(0.012) * z["z_hilum"])
+    # Breast shadows: soft density over the mid-lower zones, mostly in women.
+    breast_amp = f32(0.09) * np.maximum(f32(0.0), f32(0.15) + f32(0.55) * sex + f32(0.3) * z["z_breast"])
+    return {"z": z, "age_n": age_n, "density": density, "shoulder_amp": shoulder_amp, "haze": haze,
+            "bone": bone, "eff_right": eff_right, "eff_left": eff_left, "texture_amp": tex_amp,
+            "hilum_amp": hil_amp, "breast_amp": breast_amp}
+
+
+def evidence(attrs: Mapping[str, np.ndarray], exo: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-image evidence the renderer paints, in the simulator's units (EVIDENCE_UNITS), float64 (N,)."""
+    e = {k: np.asarray(exo[k]) for k in NORMAL_NOISE + ("u_side",)}
+    sc = _scalars({k: np.asarray(attrs[k]) for k in ("sex", "race", "age", "finding")}, e)
+    out = {k: sc[k].reshape(-1).astype(np.float64) for k in EVIDENCE_COLUMNS if k != "eff_max"}
+    out["eff_max"] = np.maximum(out["eff_right"], out["eff_left"])
+    return {k: out[k] for k in EVIDENCE_COLUMNS}
+
+
+def counterfactual_evidence(frame, do_values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Evidence of the TRUE counterfactuals of metadata rows joined with their exogenous noise."""
+    cols = {k: np.asarray(frame[k]) for k in list(EXOGENOUS_COLUMNS) + ["sex", "race", "age", "finding"]
+            if _has(frame, k)}
+    missing = [k for k in EXOGENOUS_COLUMNS + ("sex", "race", "age", "finding") if k not in cols]
+    if missing:
+        raise CxrcfError(f"counterfactual evidence: missing column(s) {', '.join(missing)} "
+                         "(join metadata.csv with exogenous.csv of a SynthCXR dataset)")
+    return evidence(counterfactual_attributes(cols, do_values), cols)
+
+
 def _render_chunk(a, e, res: int) -> np.ndarray:
     f32 = np.float32
     c = ((np.arange(res, dtype=np.float32) + 0.5) / res * 2 - 1).astype(f32)
@@ -165,12 +243,8 @@ def _render_chunk(a, e, res: int) -> np.ndarray:
     Y = c[None, :, None]
     ew = f32(0.035 + 1.5 / res)  # edge softness: anatomical blur plus a pixel of antialiasing
 
-    sex = _col(a["sex"])
-    race = np.asarray(a["race"], dtype=np.int64)
-    age = _col(a["age"])
-    finding = _col(a["finding"])
-    z = {k: _col(e[k]) for k in NORMAL_NOISE}
-    age_n = (age - f32(55.0)) / f32(40.0)  # about -1..1 over the adult range
+    sc = _scalars(a, e)
+    z, age_n = sc["z"], sc["age_n"]
 
     cx = f32(0.025) * z["z_shift"]
     dx = X - cx
@@ -182,11 +256,10 @@ def _render_chunk(a, e, res: int) -> np.ndarray:
     # Rounded shoulders: the half-width grows from the neck like a quarter ellipse.
     neck = f32(0.24) + (bw - f32(0.24)) * np.sqrt(np.clip((Y + f32(0.95)) / f32(0.38), 0.0, 1.0))
     body = _smooth(neck - adx, ew) * _smooth(f32(0.97) - Y, ew)
-    density = f32(0.33) + f32(0.025) * RACE_DENSITY[race][:, None, None] + f32(0.02) * z["z_density"]
-    A = density * body
+    A = sc["density"] * body
 
-    # Shoulder girdle soft tissue, broader in men on average.
-    shoulder_amp = np.maximum(f32(0.0), f32(0.05) + f32(0.035) * (1 - sex) + f32(0.02) * z["z_shoulder"])
+    # Shoulder girdle soft tissue.
+    shoulder_amp = sc["shoulder_amp"]
     shoulder = _smooth(adx - (tw - f32(0.1)), f32(0.2)) * _smooth(f32(-0.45) - Y, f32(0.25)) * body
     A = A + shoulder_amp * shoulder
 
@@ -195,19 +268,8 @@ def _render_chunk(a, e, res: int) -> np.ndarray:
     lw = f32(0.29) * tw / f32(0.74) + f32(0.015) * z["z_lung_w"]
     ltop = f32(-0.72) + f32(0.03) * z["z_lung_top"]
     dome_depth = f32(0.13) + f32(0.025) * z["z_dome"]
-    haze = f32(0.025) / (f32(1.0) + np.exp(-z["z_haze"]))  # basal haze present with or without effusion
-    bone = f32(1.0) + f32(0.08) * z["z_bone"] - f32(0.05) * age_n  # bone density falls slowly with age
-
-    eff_main = f32(0.6) / (f32(1.0) + np.exp(-(f32(1.4) * z["z_eff"] + f32(0.2))))
-    eff_main = eff_main * eff_main * finding  # fraction of lung height filled; continuous, often tiny
-    eff_other = f32(0.45) / (f32(1.0) + np.exp(-(f32(1.4) * z["z_eff_other"] - f32(0.4))))
-    eff_other = eff_other * eff_other * finding
-    u_side = _col(e["u_side"])
-    # Right (image left) alone, left alone, or both sides with the smaller effusion on the other.
-    eff_by_side = {
-        -1: np.where(u_side < 0.5, eff_main, np.where(u_side < 0.8, 0, eff_other)),
-        1: np.where(u_side < 0.5, 0, np.where(u_side < 0.8, eff_main, eff_other)),
-    }
+    haze, bone = sc["haze"], sc["bone"]
+    eff_by_side = {-1: sc["eff_right"], 1: sc["eff_left"]}
 
     lungs = np.zeros_like(A)
     effusion = np.zeros_like(A)
@@ -249,9 +311,9 @@ def _render_chunk(a, e, res: int) -> np.ndarray:
     lungs = lungs * (f32(1.0) - solid)
 
     lung_dark = f32(0.24)
-    # Lung texture: vessels and parenchyma, contrast linked (weakly) to race.
+    # Lung texture: vessels and parenchyma.
     seeds_tex = np.asarray(e["texture_seed"], dtype=np.int64).astype(np.uint32)
-    tex_amp = f32(0.05) * RACE_TEXTURE[race][:, None, None] * np.exp(f32(0.2) * z["z_texture"])
+    tex_amp = sc["texture_amp"]
     texture = _value_noise(seeds_tex, res, 10, 0) + f32(0.6) * _value_noise(seeds_tex, res, 21, 1000)
     fluid = np.minimum(effusion, f32(1.0))
     A = A - lung_dark * lungs * (f32(1.0) - f32(0.9) * fluid)
@@ -263,7 +325,7 @@ def _render_chunk(a, e, res: int) -> np.ndarray:
     knob_r = f32(0.06) + f32(0.006) * z["z_knob"] + f32(0.005) * age_n
     calc = f32(0.03) * np.clip(age_n + f32(0.3) * z["z_knob"], 0.0, None)
     A = A + f32(0.07) * _smooth(knob_r - knob_d, ew) + calc * _smooth(f32(0.025) - np.abs(knob_d - knob_r), ew)
-    hil_amp = np.maximum(f32(0.0), f32(0.05) + f32(0.012) * age_n + f32(0.012) * z["z_hilum"])
+    hil_amp = sc["hilum_amp"]
     for s in (-1, 1):
         hd = ((X - cx - s * f32(0.2)) / f32(0.09)) ** 2 + ((Y + f32(0.05)) / f32(0.16)) ** 2
         A = A + hil_amp * _smooth(f32(1.0) - hd, f32(1.0))
@@ -278,8 +340,8 @@ def _render_chunk(a, e, res: int) -> np.ndarray:
     clav = _smooth(f32(0.035) - np.abs(Y + f32(0.66) - f32(0.22) * adx), ew) * _smooth(tw - adx, ew)
     A = A + f32(0.09) * bone * clav * _smooth(adx - f32(0.07), ew)
 
-    # Breast shadows: soft density over the mid-lower zones with a lower fold, mostly in women.
-    breast_amp = f32(0.09) * np.maximum(f32(0.0), f32(0.15) + f32(0.55) * sex + f32(0.3) * z["z_breast"])
+    # Breast shadows: soft density over the mid-lower zones with a lower fold.
+    breast_amp = sc["breast_amp"]
     by = f32(0.22) + f32(0.035) * z["z_breast_y"]
     for s in (-1, 1):
         bd = ((X - cx - s * tw * f32(0.62)) / f32(0.3)) ** 2 + ((Y - by) / f32(0.22)) ** 2
@@ -403,6 +465,48 @@ def format_csv(frame, float_decimals: dict[str, int]) -> str:
     return out.to_csv(index=False, lineterminator="\n")
 
 
+def evidence_csv(ids, attrs, exo) -> str:
+    """evidence.csv text: id plus EVIDENCE_COLUMNS at FLOAT_DECIMALS."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"id": list(ids), **evidence(attrs, exo)})
+    return format_csv(frame, {k: FLOAT_DECIMALS for k in EVIDENCE_COLUMNS})
+
+
+def load_evidence(root: str | Path):
+    """evidence.csv of a SynthCXR dataset as a DataFrame (id + EVIDENCE_COLUMNS).
+
+    A dataset written before evidence.csv existed gets it recomputed from metadata.csv and
+    exogenous.csv (the same numbers, as the renderer's scalars are a function of those).
+    """
+    import pandas as pd
+
+    from cxrcf.data import load_exogenous, load_metadata
+
+    root = Path(root)
+    path = root / "evidence.csv"
+    if path.is_file():
+        try:
+            frame = pd.read_csv(path)
+        except (OSError, ValueError) as err:
+            raise CxrcfError(f"{path}: unreadable ({err})") from None
+        missing = [c for c in ("id",) + EVIDENCE_COLUMNS if c not in frame.columns]
+        if missing:
+            raise CxrcfError(f"{path}: missing column(s) {', '.join(missing)}")
+        for col in EVIDENCE_COLUMNS:
+            bad = np.flatnonzero(~np.isfinite(pd.to_numeric(frame[col], errors="coerce").to_numpy(float)))
+            if len(bad):
+                raise CxrcfError(f"{path}: row {bad[0] + 2}: column {col} = {frame[col].iloc[bad[0]]!r} "
+                                 "is not a number")
+        return frame
+    exo = load_exogenous(root)
+    if exo is None:
+        raise CxrcfError(f"{root}: no evidence.csv and no exogenous.csv (evidence exists for SynthCXR only)")
+    meta = load_metadata(root).merge(exo, on="id", how="inner", validate="one_to_one")
+    attrs = {k: _codes(meta[k].to_numpy(), k) for k in ("sex", "race", "age", "finding")}
+    return pd.DataFrame({"id": meta["id"].to_numpy(), **evidence(attrs, {k: meta[k].to_numpy() for k in meta})})
+
+
 def png_bytes(img: np.ndarray) -> bytes:
     """8-bit grayscale PNG with fixed settings (filter None, zlib level 6, no ancillary chunks).
 
@@ -455,7 +559,10 @@ def _dataset_card(meta, cfg, counts: dict) -> str:
         ("Procedural chest-radiograph-like images with a known structural causal model "
          "(sex, race, age roots; age -> finding by Gumbel-max; image from all four plus recorded "
          "anatomy noise). `exogenous.csv` holds every noise variable, so the true counterfactual of "
-         "any image can be rendered with `cxrcf.synth.render_counterfactual`."),
+         "any image can be rendered with `cxrcf.synth.render_counterfactual`. `evidence.csv` holds what the "
+         "renderer painted in its own units (effusion fraction of lung height per side, breast, "
+         "shoulder, texture, soft-tissue and hilum amplitudes, bone density; see "
+         "`cxrcf.synth.EVIDENCE_UNITS`)."),
         "",
         f"- generator version: {GENERATOR_VERSION}",
         f"- seed: {cfg.seed}",
@@ -531,6 +638,7 @@ def generate_dataset(root: str | Path, cfg, workers: int | None = None, progress
         (tmp / "metadata.csv").write_text(format_csv(meta, {"age": AGE_DECIMALS}))
         exo_floats = {k: FLOAT_DECIMALS for k in EXOGENOUS_COLUMNS if k not in SEED_NOISE}
         (tmp / "exogenous.csv").write_text(format_csv(exo_frame, exo_floats))
+        (tmp / "evidence.csv").write_text(evidence_csv(meta["id"], attrs, exo))
         counts = subgroup_counts(meta)
         info = {
             "name": "SynthCXR",

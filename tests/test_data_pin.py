@@ -26,4 +26,4 @@ def test_regenerated_default_dataset_matches_data_dvc(tmp_path):
     subprocess.run([dvc, "add", "-q", "data"], cwd=tmp_path, check=True)
     regenerated = yaml.safe_load((tmp_path / "data.dvc").read_text())["outs"][0]
     assert regenerated["md5"] == pinned
-    assert regenerated["nfiles"] == params.data.synth.n_images + 4  # images + metadata, noise, card, json
+    assert regenerated["nfiles"] == params.data.synth.n_images + 5  # images + metadata, noise, evidence, card, json

@@ -162,7 +162,7 @@ def test_generation_is_bit_deterministic(tmp_path):
     synth.generate_dataset(tmp_path / "a", cfg)
     synth.generate_dataset(tmp_path / "b", cfg)
     a, b = files(tmp_path / "a"), files(tmp_path / "b")
-    assert len(a) == 44 and a == b
+    assert len(a) == 45 and a == b
     synth.generate_dataset(tmp_path / "c", cfg.model_copy(update={"seed": 12}))
     c = files(tmp_path / "c")
     assert c["metadata.csv"] != a["metadata.csv"] and c["images/cxr000000.png"] != a["images/cxr000000.png"]
@@ -215,3 +215,71 @@ def test_worker_processes_write_the_same_bytes(tmp_path):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     one = sorted(p.name for p in (tmp_path / "one" / "images").iterdir())
     assert one == sorted(p.name for p in (tmp_path / "two" / "images").iterdir()) and len(one) == 1100
+
+
+def test_evidence_file_is_what_the_renderer_painted(small_data):
+    frame = split_frame(small_data, "all")
+    ev = synth.load_evidence(small_data)
+    assert list(ev.columns) == ["id", *synth.EVIDENCE_COLUMNS] and list(ev["id"]) == list(frame["id"])
+    again = synth.counterfactual_evidence(frame, {})
+    for col in synth.EVIDENCE_COLUMNS:
+        assert np.allclose(ev[col].to_numpy(), again[col], atol=1e-6), col
+    # A dataset without evidence.csv gets the same numbers recomputed from its noise.
+    (small_data / "evidence.csv").rename(small_data / "evidence.bak")
+    try:
+        recomputed = synth.load_evidence(small_data)
+    finally:
+        (small_data / "evidence.bak").rename(small_data / "evidence.csv")
+    assert np.allclose(recomputed[list(synth.EVIDENCE_COLUMNS)].to_numpy(),
+                       ev[list(synth.EVIDENCE_COLUMNS)].to_numpy(), atol=1e-6)
+    finding = (frame["finding"] == "pleural_effusion").to_numpy()
+    assert (ev["eff_max"][~finding] == 0).all() and (ev["eff_max"][finding] > 0).all()
+    # The effusion is painted on the side the evidence names: removing it changes only that half.
+    x = _variants(frame)
+    x0 = _variants(frame, finding=np.zeros(len(frame), int))
+    half = x.shape[-1] // 2
+    right_only = finding & (ev["eff_right"] > 0.05).to_numpy() & (ev["eff_left"] == 0).to_numpy()
+    left_only = finding & (ev["eff_left"] > 0.05).to_numpy() & (ev["eff_right"] == 0).to_numpy()
+    assert right_only.sum() >= 3 and left_only.sum() >= 3
+    diff = np.abs(x - x0)
+    assert diff[right_only][:, :, :half].sum() > 20 * diff[right_only][:, :, half:].sum()
+    assert diff[left_only][:, :, half:].sum() > 20 * diff[left_only][:, :, :half].sum()
+    # A larger recorded effusion is a brighter base.
+    lower = slice(int(0.6 * x.shape[1]), int(0.85 * x.shape[1]))
+    gain = (x - x0)[finding][:, lower].mean(axis=(1, 2))
+    assert np.corrcoef(gain, ev["eff_max"][finding])[0, 1] > 0.8
+
+
+def test_true_counterfactual_evidence_moves_only_the_intervened_attribute(small_data):
+    frame = split_frame(small_data, "all")
+    n = len(frame)
+    base = synth.counterfactual_evidence(frame, {})
+    flipped_sex = np.where(frame["sex"].to_numpy() == "female", 0, 1)
+    cases = {"sex": flipped_sex, "finding": 1 - (frame["finding"] == "pleural_effusion").to_numpy().astype(int),
+             "race": (frame["race"].map({"white": 0, "asian": 1, "black": 2}).to_numpy() + 1) % 3}
+    for k, value in cases.items():
+        cf = synth.counterfactual_evidence(frame, {k: value})
+        for attr, cols in synth.EVIDENCE_OF.items():
+            for col in cols:
+                moved = np.abs(cf[col] - base[col]) > 1e-9
+                if attr == k:
+                    assert moved.mean() > 0.5, (k, col)
+                else:
+                    assert not moved.any(), (k, col)
+    # do(sex) to female never lowers the breast amplitude, to male never raises it.
+    cf = synth.counterfactual_evidence(frame, {"sex": np.ones(n, int)})
+    assert (cf["breast_amp"] >= base["breast_amp"]).all()
+    with pytest.raises(CxrcfError, match="missing column"):
+        synth.counterfactual_evidence(frame[["id", "sex", "race", "age", "finding"]], {})
+
+
+def test_evidence_file_errors_name_file_row_and_column(tmp_path):
+    root = tmp_path / "d"
+    synth.generate_dataset(root, _cfg(n_images=12, resolution=16, seed=1))
+    text = (root / "evidence.csv").read_text().splitlines()
+    cells = text[3].split(",")
+    cells[2] = "abc"
+    text[3] = ",".join(cells)
+    (root / "evidence.csv").write_text("\n".join(text) + "\n")
+    with pytest.raises(CxrcfError, match=r"evidence.csv: row 4: column eff_left = 'abc' is not a number"):
+        synth.load_evidence(root)
