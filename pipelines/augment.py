@@ -26,8 +26,18 @@ factual parents), model_name, model_version (registry version, or `dir-sha256:` 
 t_u, seed, chunk, p_before_*/p_after_* (the evaluation predictor's P(female), P(race), P(effusion)
 on the source and on the counterfactual), pred_age_before/pred_age_after (its age, years).
 
-A rerun with the same arguments skips chunks whose part and images exist (chunks with errors are
-retried) and reproduces the others exactly: each chunk's sampling seed derives from the plan seed
+Safe under concurrency and power loss: the driver holds an exclusive lock (`flock` on `<out>/.lock`,
+which records the holder) for the whole job, so a second job on the same folder stops with one line
+naming the holder instead of sweeping the first job's temporaries; the kernel drops the lock when
+its holder dies, so a killed job never leaves a stale lock. Every file is written to a temporary
+name, fsynced, renamed and its folder fsynced, images before the chunk's part, so a part on disk
+means its images are on disk. The part records each image's size and SHA-256; a chunk counts as done
+only when every image still has them (a zero-byte or torn PNG after power loss is regenerated).
+An input that cannot be decoded (corrupt, truncated, a decompression bomb over Pillow's pixel limit,
+any decoder exception) becomes a row of errors.csv, never a failed job.
+
+A rerun with the same arguments skips chunks whose part and verified images exist (chunks with errors
+are retried) and reproduces the others exactly: each chunk's sampling seed derives from the plan seed
 and its first item, never from what else ran. Actor count and CPUs per actor are not part of the
 fingerprint, so a rerun may use more or fewer actors. Different plan/data/model/t_u/seed/batch size
 in the same folder is refused. On a multi-node cluster `--out` must be a shared filesystem.
@@ -37,12 +47,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
+import socket
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Self
 
 from cxrcf.attributes import ATTRIBUTES, VOCAB, decode
 from cxrcf.errors import CxrcfError
@@ -78,6 +92,122 @@ def _sha256_dir(directory: Path) -> str:
     return h.hexdigest()
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make renames inside `directory` durable (a rename lives in the folder's own data)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _durable_replace(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    """Write `data` under a temporary name, fsync it, rename it onto `path` (and fsync the folder).
+
+    Batched writers pass sync_dir=False and fsync the folder once for the whole batch.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        _fsync_dir(path.parent)
+
+
+def _durable_json(path: Path, obj) -> None:
+    _durable_replace(path, (json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n").encode())
+
+
+def _durable_csv(path: Path, frame) -> None:
+    _durable_replace(path, frame.to_csv(index=False).encode())
+
+
+class OutputLock:
+    """Exclusive lock on an output folder for the life of one job (`flock`, so the kernel releases it
+    when the holder dies, even by SIGKILL or power loss: no stale locks to clean up by hand).
+
+    The lock file holds who took it, so that the job that is refused can say whom it waits for.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, root: str | Path, job: str = "augment"):
+        self.root = Path(root)
+        self.path = self.root / self.NAME
+        self.job = job
+        self.fd: int | None = None
+
+    def __enter__(self) -> Self:
+        import fcntl
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise CxrcfError(f"--out {self.root}: in use by another {self.job} job ({holder}); wait for it to "
+                             "finish or use another --out folder") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "command": " ".join(sys.argv)[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            record = json.loads(os.pread(fd, 4096, 0).decode())
+            return f"pid {record['pid']} on {record['host']} since {record['since']}: {record['command']}"
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            # The holder is between taking the lock and writing its record.
+            return "holder still starting"
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def check_pixels(path: str | Path) -> None:
+    """Refuse a decompression bomb from its header, before anything inflates it.
+
+    Pillow's own limit (Image.MAX_IMAGE_PIXELS) is the bound; past it Pillow only warns, up to twice
+    it, so the warning is made an error here. cxrcf's fast PNG path never asks Pillow, hence this check.
+    Files Pillow cannot open at all are left to `read_image`, which names the problem.
+    """
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path):
+                pass
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise CxrcfError(f"{path}: decompression bomb refused: {err}") from None
+    except Exception:  # noqa: BLE001 - unreadable files get read_image's message instead
+        return
+
+
 def chunk_seed(seed: int, chunk: Chunk) -> int:
     """Seed of one chunk's draws: from the plan seed and the chunk's first item only."""
     digest = hashlib.sha256(f"{seed}\n{chunk.items[0].item_id}".encode()).hexdigest()
@@ -95,7 +225,8 @@ def _items_payload(chunk: Chunk) -> str:
 def decode_chunk(row: dict, resolution: int) -> dict:
     """Read the chunk's source images (uint8, as stored); unreadable ones become errors + zero images.
 
-    A zero image keeps the chunk's batch (and so every other item's sampling noise) the same whether
+    Any exception from a decoder is an error row: one bad input must not fail the chunk on every
+    rerun. A zero image keeps the chunk's batch (and so every other item's sampling noise) the same whether
     or not a neighbour is corrupt. No torch here: these tasks stay cheap to start.
     """
     import numpy as np
@@ -106,6 +237,7 @@ def decode_chunk(row: dict, resolution: int) -> dict:
     pixels, errors = [], []
     for it in items:
         try:
+            check_pixels(it["path"])
             image = read_image(Path(it["path"]))
             if image.shape[0] != image.shape[1]:
                 height, width = image.shape
@@ -114,6 +246,10 @@ def decode_chunk(row: dict, resolution: int) -> dict:
         except CxrcfError as err:
             reason = str(err).removeprefix(f"{it['path']}: ")
             errors.append({"item": it["id"], "source": it["source_id"], "file": it["path"], "reason": reason})
+            pixels.append(None)
+        except Exception as err:  # noqa: BLE001 - e.g. MemoryError or zlib.error from a hostile file
+            errors.append({"item": it["id"], "source": it["source_id"], "file": it["path"],
+                           "reason": f"image could not be decoded: {type(err).__name__}: {err}"})
             pixels.append(None)
     shape = next((p.shape for p in pixels if p is not None), (resolution, resolution))
     pixels = [np.zeros(shape, dtype=np.uint8) if p is None else p for p in pixels]
@@ -216,11 +352,13 @@ def _probs_row(p: dict, i: int) -> dict:
 
 
 def write_chunk(row: dict, out_dir: str, model: dict, t_u: float, seed: int) -> dict:
-    """Encode and write each image atomically, then the chunk's part (the proof the chunk is done)."""
+    """Encode and durably write each image, then the chunk's part (the proof the chunk is done).
+
+    Order matters for power loss: images fsynced, their folder fsynced, only then the part; the part
+    carries each image's size and SHA-256 so that a later check can tell a whole image from a torn one.
+    """
     import numpy as np
     from PIL import Image
-
-    from cxrcf.fileio import atomic_path, write_json
 
     out = Path(out_dir)
     chunk = int(row["chunk"])
@@ -230,16 +368,20 @@ def write_chunk(row: dict, out_dir: str, model: dict, t_u: float, seed: int) -> 
     for r in json.loads(row["rows"]):
         it = items[r["index"]]
         rel = f"images/{it['id']}.png"
-        with atomic_path(out / rel, suffix=".png") as tmp:
-            Image.fromarray(cf[r["index"]]).save(tmp, format="PNG")
-        rows.append(manifest_row(it, rel, r, model, t_u, seed, chunk))
+        buf = io.BytesIO()
+        Image.fromarray(cf[r["index"]]).save(buf, format="PNG")
+        blob = buf.getvalue()
+        _durable_replace(out / rel, blob, sync_dir=False)
+        rows.append(manifest_row(it, rel, r, model, t_u, seed, chunk, len(blob), hashlib.sha256(blob).hexdigest()))
+    if rows:
+        _fsync_dir(out / "images")
     errors = json.loads(row["errors"])
-    write_json(out / "parts" / f"chunk-{chunk:06d}.json", {"chunk": chunk, "rows": rows, "errors": errors})
+    _durable_json(out / "parts" / f"chunk-{chunk:06d}.json", {"chunk": chunk, "rows": rows, "errors": errors})
     return {"chunk": chunk, "written": len(rows), "failed": len(errors)}
 
 
 MANIFEST_COLUMNS = (
-    ["id", "path", "source_id", "subject_id", "split", "intervention", "sex", "race", "age", "finding"]
+    ["id", "path", "bytes", "sha256", "source_id", "subject_id", "split", "intervention", "sex", "race", "age", "finding"]
     + [f"source_{a}" for a in ("sex", "race", "age", "finding")]
     + ["model_name", "model_version", "t_u", "seed", "chunk"]
     + [f"p_{when}_{k}" for when in ("before", "after")
@@ -249,8 +391,9 @@ MANIFEST_COLUMNS = (
 ERROR_COLUMNS = ["item", "source", "file", "reason"]
 
 
-def manifest_row(it: dict, rel: str, r: dict, model: dict, t_u: float, seed: int, chunk: int) -> dict:
-    row = {"id": it["id"], "path": rel, "source_id": it["source_id"], "subject_id": it["subject_id"],
+def manifest_row(it: dict, rel: str, r: dict, model: dict, t_u: float, seed: int, chunk: int,
+                 size: int, sha256: str) -> dict:
+    row = {"id": it["id"], "path": rel, "bytes": size, "sha256": sha256, "source_id": it["source_id"], "subject_id": it["subject_id"],
            "split": it["split"], "intervention": intervention_key(it["intervention"]), **r["parents_after"]}
     row.update({f"source_{a}": v for a, v in it["parents"].items()})
     row.update({"model_name": model["name"], "model_version": model["version"], "t_u": t_u, "seed": seed,
@@ -295,9 +438,11 @@ class RunFolder:
         return self.parts / f"{chunk.name}.json"
 
     def claim(self, inputs: dict) -> str:
-        """Store the fingerprint on first use; refuse a folder that holds a different run."""
-        from cxrcf.fileio import write_json
+        """Store the fingerprint on first use; refuse a folder that holds a different run.
 
+        Call it under the folder's OutputLock: it sweeps temporaries, which belong to nobody only
+        when no other job holds the folder.
+        """
         fingerprint = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
         path = self.root / "run.json"
         if path.exists():
@@ -312,19 +457,22 @@ class RunFolder:
                 raise CxrcfError(f"--out {self.root}: holds a run with different {', '.join(differ)}; "
                                  "use a new --out folder (or delete this one) to start another run")
         else:
-            write_json(path, {"fingerprint": fingerprint, "inputs": inputs})
+            _durable_json(path, {"fingerprint": fingerprint, "inputs": inputs})
         self.images.mkdir(parents=True, exist_ok=True)
         self.parts.mkdir(parents=True, exist_ok=True)
         self._sweep_temporaries()
         return fingerprint
 
     def _sweep_temporaries(self) -> None:
-        """Temporary folders of writes cut short by a killed run (atomic_path names them `.*.tmp`)."""
+        """Temporaries of writes cut short by a killed run (all of them are named `.*.tmp`)."""
         import shutil
 
         for folder in (self.images, self.parts, self.root):
             for p in folder.glob(".*.tmp"):
-                shutil.rmtree(p, ignore_errors=True)
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
 
     def read_part(self, chunk: Chunk) -> dict | None:
         path = self.part_path(chunk)
@@ -336,12 +484,26 @@ class RunFolder:
             return None
 
     def is_done(self, chunk: Chunk) -> bool:
+        """The part lists every item and each image on disk has the recorded size and SHA-256.
+
+        Existence alone is not enough: after power loss a renamed file can be empty or torn.
+        """
         part = self.read_part(chunk)
         if part is None or part.get("errors"):
             return False
-        ids = {r["id"] for r in part.get("rows", [])}
-        return ids == {it.item_id for it in chunk.items} and all(
-            (self.root / r["path"]).is_file() for r in part["rows"])
+        rows = part.get("rows", [])
+        if {r.get("id") for r in rows} != {it.item_id for it in chunk.items}:
+            return False
+        return all(self._intact(r) for r in rows)
+
+    def _intact(self, row: dict) -> bool:
+        path = self.root / str(row.get("path"))
+        try:
+            if path.stat().st_size != row.get("bytes"):
+                return False
+        except OSError:
+            return False
+        return _sha256_file(path) == row.get("sha256")
 
 
 class Progress:
@@ -405,9 +567,15 @@ def run_augment(params, data_root: str | Path, plan_path: str | Path, out_dir: s
     model_uri = str(model_uri or f"models:/{params.registry.generator_name}@champion")
     model_ref, model, resolution = resolve_model(model_uri)
 
-    folder = RunFolder(out_dir)
     inputs = {"plan": plan_dump(plan), "data": _sha256_file(data_root / "metadata.csv"),
               "model": model, "t_u": t_u, "seed": seed, "batch_size": cfg.batch_size, "items": len(items)}
+    with OutputLock(out_dir):
+        return _run_locked(RunFolder(out_dir), inputs, items, chunks, model_ref, model, resolution, t_u, seed,
+                           cfg, progress_stream)
+
+
+def _run_locked(folder, inputs, items, chunks, model_ref, model, resolution, t_u, seed, cfg,
+                progress_stream) -> dict:
     folder.claim(inputs)
     _write_planned(folder, items)
 
@@ -427,12 +595,9 @@ def run_augment(params, data_root: str | Path, plan_path: str | Path, out_dir: s
 def _write_planned(folder: RunFolder, items) -> None:
     import pandas as pd
 
-    from cxrcf.fileio import atomic_path
-
     frame = pd.DataFrame([{"id": it.item_id, "source_id": it.source_id, "intervention":
                            intervention_key(it.intervention)} for it in items])
-    with atomic_path(folder.root / "planned.csv") as tmp:
-        frame.to_csv(tmp, index=False)
+    _durable_csv(folder.root / "planned.csv", frame)
 
 
 def _execute(pending, folder, model_ref, model, resolution, t_u, seed, cfg, bar) -> None:
@@ -500,8 +665,6 @@ def _check_resources(available: dict, cfg) -> None:
 def _finish(folder, chunks, items, skipped, elapsed, model, t_u, seed, cfg, stream) -> dict:
     import pandas as pd
 
-    from cxrcf.fileio import atomic_path, write_json
-
     rows, errors = [], []
     for c in chunks:
         part = folder.read_part(c)
@@ -515,10 +678,8 @@ def _finish(folder, chunks, items, skipped, elapsed, model, t_u, seed, cfg, stre
     if sorted(seen) != sorted(planned):
         raise CxrcfError(f"{folder.root}: manifest parts do not match the plan "
                          f"({len(seen)} rows+errors for {len(planned)} planned items)")
-    with atomic_path(folder.root / "manifest.csv") as tmp:
-        pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_csv(tmp, index=False)
-    with atomic_path(folder.root / "errors.csv") as tmp:
-        pd.DataFrame(errors, columns=ERROR_COLUMNS).to_csv(tmp, index=False)
+    _durable_csv(folder.root / "manifest.csv", pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
+    _durable_csv(folder.root / "errors.csv", pd.DataFrame(errors, columns=ERROR_COLUMNS))
     written = len(rows) - skipped
     summary = {
         "planned": len(items), "written": written, "skipped": skipped, "failed": len(errors),
@@ -526,7 +687,7 @@ def _finish(folder, chunks, items, skipped, elapsed, model, t_u, seed, cfg, stre
         "model": model, "t_u": t_u, "seed": seed, "num_actors": cfg.num_actors, "batch_size": cfg.batch_size,
         "manifest": str(folder.root / "manifest.csv"), "errors": str(folder.root / "errors.csv"),
     }
-    write_json(folder.root / "summary.json", summary)
+    _durable_json(folder.root / "summary.json", summary)
     print(f"augment: done: {written} written, {skipped} skipped (already done), {len(errors)} failed, "
           f"{summary['images_per_s'] or 0:.1f} img/s over {elapsed:.1f}s -> {folder.root}",
           file=stream, flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
 import os
@@ -93,6 +94,8 @@ def _check_outputs(out: Path, plan_path: Path, data: Path, resolution: int = 32)
             assert row.finding == it.parents["finding"]
         img = Image.open(out / row.path)
         assert img.mode == "L" and img.size == (resolution, resolution)
+        blob = (out / row.path).read_bytes()
+        assert len(blob) == row.bytes and hashlib.sha256(blob).hexdigest() == row.sha256
     probs = manifest[[c for c in manifest.columns if c.startswith("p_")]]
     assert probs.shape[1] == 10 and ((probs >= 0) & (probs <= 1)).all().all()
     assert manifest[["pred_age_before", "pred_age_after"]].notna().all().all()
@@ -100,6 +103,24 @@ def _check_outputs(out: Path, plan_path: Path, data: Path, resolution: int = 32)
     assert (race - 1).abs().max() < 1e-4
     assert len(list((out / "images").glob("*.png"))) == len(manifest)
     return manifest, errors, items
+
+
+def _png_bomb(path: Path, side: int = 14000) -> None:
+    """A real decompression bomb: a valid grayscale PNG of side x side zeros in a few hundred KB.
+
+    Written as cxrcf's own PNGs are (one IDAT, no filters), so cxrcf's fast decoder would inflate it.
+    """
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    comp = zlib.compressobj(9)
+    row = bytes(side + 1)
+    idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 # ------------------------------------------------------------------------------ plans, no Ray
@@ -244,21 +265,23 @@ def test_corrupt_image_is_reported_and_the_rest_completes(flip_run, tiny_data, b
     frame = _metadata(data).sort_values("id")
     first = frame["id"].tolist()[:12]
     paths = frame.set_index("id")["path"]
-    bad, missing, oblong = first[3], first[9], first[6]
+    bad, missing, oblong, bomb = first[3], first[9], first[6], first[4]
     (data / paths[bad]).write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     (data / paths[missing]).unlink()
+    _png_bomb(data / paths[bomb])
     from PIL import Image
 
     Image.new("L", (32, 20), 128).save(data / paths[oblong])
     out = tmp_path / "out"
     summary = _run(params_file, data, plan, out, bundle_dir)
     manifest, errors, _ = _check_outputs(out, plan, data)
-    assert summary["failed"] == 12 and summary["written"] == 36 and len(manifest) == 36
-    assert sorted(set(errors["source"])) == sorted([bad, missing, oblong]) and len(errors) == 12
+    assert summary["failed"] == 16 and summary["written"] == 32 and len(manifest) == 32
+    assert sorted(set(errors["source"])) == sorted([bad, missing, oblong, bomb]) and len(errors) == 16
     reasons = dict(zip(errors["source"], errors["reason"]))
     assert "not readable" in reasons[bad] and "missing" in reasons[missing]
     assert reasons[oblong] == "image is 32x20, expected a square"
-    assert set(errors["file"]) == {str((data / paths[s]).resolve()) for s in (bad, missing, oblong)}
+    assert reasons[bomb].startswith("decompression bomb refused: Image size (196000000 pixels) exceeds limit")
+    assert set(errors["file"]) == {str((data / paths[s]).resolve()) for s in (bad, missing, oblong, bomb)}
 
     # The neighbours of a bad image are what they would have been without it (same batch, same noise).
     ref = pd.read_csv(clean / "manifest.csv").set_index("id")
@@ -269,7 +292,7 @@ def test_corrupt_image_is_reported_and_the_rest_completes(flip_run, tiny_data, b
     # A rerun retries only the chunks with errors (reproducing them); the rest is skipped.
     first_manifest = (out / "manifest.csv").read_text()
     again = _run(params_file, data, plan, out, bundle_dir)
-    assert again["failed"] == 12 and 0 < again["skipped"] < 36
+    assert again["failed"] == 16 and 0 < again["skipped"] < 32
     assert (out / "manifest.csv").read_text() == first_manifest
 
 
@@ -314,6 +337,22 @@ def test_killed_job_resumes_to_the_uninterrupted_result(flip_run, ray_cluster, t
         assert (out / name).read_bytes() == (reference / name).read_bytes()
     assert not list(out.rglob(".*.tmp"))
 
+    # Power loss between rename and write-back: an image left empty and one torn (same size, other
+    # bytes) are not done; exactly their chunks are regenerated, to the uninterrupted bytes.
+    empty, torn = manifest["path"].iloc[0], manifest["path"].iloc[-1]
+    (out / empty).write_bytes(b"")
+    blob = bytearray((out / torn).read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (out / torn).write_bytes(bytes(blob))
+    damaged = manifest.loc[manifest["path"].isin([empty, torn]), "chunk"].unique()
+    assert len(damaged) == 2
+    redo = run_augment(params, tiny_data, plan, out, str(bundle_dir))
+    assert redo["written"] == int(manifest["chunk"].isin(damaged).sum())
+    assert redo["skipped"] == len(items) - redo["written"]
+    for name in (empty, torn):
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
+    assert (out / "manifest.csv").read_text() == (reference / "manifest.csv").read_text()
+
     # A finished job rerun does nothing new.
     again = run_augment(params, tiny_data, plan, out, str(bundle_dir))
     assert again["written"] == 0 and again["skipped"] == len(items)
@@ -345,6 +384,36 @@ def test_default_model_is_the_registered_champion(ray_cluster, mlflow_uri, tiny_
     assert summary["written"] == 6 and summary["model"] == {"name": name, "version": str(version)}
     assert set(manifest["model_name"]) == {name} and set(manifest["model_version"]) == {str(version)}
     assert (manifest["race"] == "asian").all()
+
+
+def test_a_second_job_on_a_locked_folder_is_refused(flip_run, tiny_data, bundle_dir, params_file, tmp_path):
+    """Another process holds --out: one line naming it, and its temporaries are left alone."""
+    from pipelines.augment import OutputLock
+
+    plan, _, _ = flip_run
+    out = tmp_path / "out"
+    (out / "images").mkdir(parents=True)
+    in_flight = out / "images" / ".abc.png.0123456789ab.tmp"  # the holder's write in progress
+    in_flight.write_bytes(b"half an image")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", ("import sys\nfrom pipelines.augment import OutputLock\n"
+         "with OutputLock(sys.argv[1]):\n    print('locked', flush=True)\n    sys.stdin.read()\n"), str(out)],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(CxrcfError) as err:
+            _run(params_file, tiny_data, plan, out, bundle_dir)
+        message = str(err.value)
+        assert "\n" not in message
+        assert re.fullmatch(rf"--out {re.escape(str(out))}: in use by another augment job \(pid {holder.pid} on "
+                            r"\S+ since \d{4}-\d\d-\d\dT[\d:]+Z: .+\); wait for it to finish or use another "
+                            r"--out folder", message), message
+        assert in_flight.read_bytes() == b"half an image" and not (out / "run.json").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    with OutputLock(out):  # released with its holder
+        pass
 
 
 def test_different_arguments_in_the_same_folder_are_refused(flip_run, tiny_data, bundle_dir, params_file,
