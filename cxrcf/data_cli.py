@@ -23,15 +23,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="processes rendering and writing PNGs")
 
     m = sub.add_parser("import-mimic", help="import MIMIC-CXR-JPG (+ MIMIC-IV patients/admissions)")
-    m.add_argument("--root", required=True, help="folder with the MIMIC CSVs and files/p1x/...")
+    m.add_argument("--root", required=True,
+                   help="the MIMIC-CXR-JPG folder (tables .csv or .csv.gz, files/p1x/...), as PhysioNet ships it")
+    m.add_argument("--mimic-iv", default=None,
+                   help="folder with MIMIC-IV patients/admissions (default: under --root, or the PhysioNet "
+                        "sibling files/mimiciv/<version>)")
     m.add_argument("--out", required=True)
     m.add_argument("--resolution", type=int, default=64)
 
     c = sub.add_parser("import-chexpert", help="import CheXpert (train.csv / valid.csv)")
-    c.add_argument("--root", required=True, help="the CheXpert folder holding train.csv / valid.csv")
+    c.add_argument("--root", required=True,
+                   help="the CheXpert release folder holding train.csv / valid.csv, or the folder above it")
     c.add_argument("--out", required=True)
     c.add_argument("--resolution", type=int, default=64)
-    c.add_argument("--demographics", default=None, help="CHEXPERT DEMO as CSV (PATIENT, PRIMARY_RACE)")
+    c.add_argument("--demographics", default=None,
+                   help="CHEXPERT DEMO.xlsx or a CSV with PATIENT, PRIMARY_RACE (default: found beside the tables)")
+    for q in (m, c):
+        q.add_argument("--workers", type=int, default=None, help="image-converting processes (default: all cores)")
+        q.add_argument("--chunk-size", type=int, default=256,
+                       help="images per resumable unit of work (a rerun must use the same value to resume)")
 
     v = sub.add_parser("validate", help="check every image and metadata row")
     v.add_argument("--data", default="data")
@@ -65,14 +75,22 @@ def _synth(args) -> int:
 def _mimic(args) -> int:
     from cxrcf.importers import import_mimic
 
-    import_mimic(args.root, args.out, resolution=args.resolution)
+    import_mimic(args.root, args.out, resolution=args.resolution, mimic_iv=args.mimic_iv, workers=args.workers,
+                 chunk_size=_chunk_size(args.chunk_size))
     return 0
+
+
+def _chunk_size(value: int) -> int:
+    if value < 1:
+        raise CxrcfError(f"--chunk-size: {value} must be at least 1")
+    return value
 
 
 def _chexpert(args) -> int:
     from cxrcf.importers import import_chexpert
 
-    import_chexpert(args.root, args.out, resolution=args.resolution, demographics=args.demographics)
+    import_chexpert(args.root, args.out, resolution=args.resolution, demographics=args.demographics,
+                    workers=args.workers, chunk_size=_chunk_size(args.chunk_size))
     return 0
 
 

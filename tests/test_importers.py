@@ -132,7 +132,7 @@ def test_import_mimic_keeps_filters_and_reports(mimic_root, tmp_path, capsys):
 
 def test_import_mimic_missing_table_and_column(mimic_root, tmp_path):
     (mimic_root / "admissions.csv").unlink()
-    with pytest.raises(CxrcfError, match="admissions.csv: file not found"):
+    with pytest.raises(CxrcfError, match=r"^admissions.csv \(or admissions.csv.gz\): file not found under "):
         import_mimic(mimic_root, tmp_path / "out")
     _write_csv(mimic_root / "admissions.csv", ["subject_id", "hadm_id"], [["10000001", "1"]])
     with pytest.raises(CxrcfError, match="admissions.csv: missing column race"):
