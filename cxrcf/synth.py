@@ -236,6 +236,47 @@ def counterfactual_evidence(frame, do_values: Mapping[str, np.ndarray]) -> dict[
     return evidence(counterfactual_attributes(cols, do_values), cols)
 
 
+# Ambiguity of each attribute's own evidence, from the simulator's noise alone (never a predictor).
+AMBIGUOUS_BELOW = 0.9  # sex, race: the simulator's posterior of the factual class under equal priors
+SMALL_EFFUSION = 0.05  # finding: an effusion filling less than 5% of lung height
+
+
+def ambiguity_strata(attrs: Mapping[str, np.ndarray], exo: Mapping[str, np.ndarray]) -> dict[str, dict]:
+    """Per attribute j in (sex, race, finding): `p`, the simulator's own posterior of the factual
+    class given the evidence it painted for j (equal priors; for finding 1 when absent, else the
+    effusion's share of lung height), and `stratum`, "ambiguous" or "clear".
+
+    sex: breast amplitude 0.09 * (0.15 + 0.55 sex + 0.3 z_breast) and shoulder amplitude
+    0.05 + 0.035 (1 - sex) + 0.02 z_shoulder are Gaussian in their noise with class-shifted means,
+    so the log-likelihood ratio is linear in z (the clipping at 0 is ignored). race: log texture
+    amplitude (sd 0.2) and soft-tissue density (sd 0.02) per class, three-way softmax. finding: no
+    fluid is painted without an effusion, so absent is clear; a present effusion smaller than
+    SMALL_EFFUSION of lung height is ambiguous.
+    """
+    sex = np.asarray(attrs["sex"], dtype=np.int64)
+    race = np.asarray(attrs["race"], dtype=np.int64)
+    z_b, z_s = np.asarray(exo["z_breast"], float), np.asarray(exo["z_shoulder"], float)
+    d_b, d_s = 0.55 / 0.3, 0.035 / 0.02
+    sign = np.where(sex == 1, 1.0, -1.0)
+    llr = sign * (d_b * z_b - d_s * z_s) + 0.5 * (d_b**2 + d_s**2)
+    p_sex = 1.0 / (1.0 + np.exp(-llr))
+    log_rt = np.log(RACE_TEXTURE.astype(np.float64))
+    rd = RACE_DENSITY.astype(np.float64)
+    zt = np.asarray(exo["z_texture"], float)[:, None] + (log_rt[race][:, None] - log_rt[None, :]) / 0.2
+    zd = np.asarray(exo["z_density"], float)[:, None] + 0.025 * (rd[race][:, None] - rd[None, :]) / 0.02
+    ll = -0.5 * (zt**2 + zd**2)
+    ll -= ll.max(axis=1, keepdims=True)
+    post = np.exp(ll) / np.exp(ll).sum(axis=1, keepdims=True)
+    p_race = post[np.arange(len(race)), race]
+    eff = evidence(attrs, exo)["eff_max"]
+    finding = np.asarray(attrs["finding"], dtype=np.int64)
+    p_finding = np.where(finding == 1, eff, 1.0)
+    amb = {"sex": p_sex < AMBIGUOUS_BELOW, "race": p_race < AMBIGUOUS_BELOW,
+           "finding": (finding == 1) & (eff < SMALL_EFFUSION)}
+    ps = {"sex": p_sex, "race": p_race, "finding": p_finding}
+    return {j: {"p": ps[j], "stratum": np.where(amb[j], "ambiguous", "clear")} for j in ("sex", "race", "finding")}
+
+
 def _render_chunk(a, e, res: int) -> np.ndarray:
     f32 = np.float32
     c = ((np.arange(res, dtype=np.float32) + 0.5) / res * 2 - 1).astype(f32)

@@ -283,3 +283,28 @@ def test_evidence_file_errors_name_file_row_and_column(tmp_path):
     (root / "evidence.csv").write_text("\n".join(text) + "\n")
     with pytest.raises(CxrcfError, match=r"evidence.csv: row 4: column eff_left = 'abc' is not a number"):
         synth.load_evidence(root)
+
+
+def test_ambiguity_strata_come_from_the_simulators_noise():
+    _, exo, a = _population(20000, seed=4)
+    st = synth.ambiguity_strata(a, exo)
+    ev = synth.evidence(a, exo)
+    female = a["sex"] == 1
+    amb = st["sex"]["stratum"] == "ambiguous"
+    assert 0.2 < amb.mean() < 0.5
+    # Ambiguous women have the breast shadows of men, ambiguous men those of women.
+    assert np.median(ev["breast_amp"][female & amb]) < np.median(ev["breast_amp"][female & ~amb])
+    assert np.median(ev["breast_amp"][~female & amb]) > np.median(ev["breast_amp"][~female & ~amb])
+    assert np.median(ev["shoulder_amp"][female & amb]) > np.median(ev["shoulder_amp"][female & ~amb])
+    # Finding: only small effusions are ambiguous; without one there is no painted fluid to doubt.
+    famb = st["finding"]["stratum"] == "ambiguous"
+    assert (a["finding"][famb] == 1).all() and (ev["eff_max"][famb] < synth.SMALL_EFFUSION).all()
+    assert 0.2 < famb[a["finding"] == 1].mean() < 0.6
+    # Race is weakly painted: most images are ambiguous, and the clear ones have typical texture.
+    ramb = st["race"]["stratum"] == "ambiguous"
+    assert ramb.mean() > 0.6 and np.abs(exo["z_texture"][~ramb & (a["race"] == 1)]).mean() < 1.5
+    # An intervention on sex leaves the finding and race strata alone.
+    flipped = dict(a, sex=1 - a["sex"])
+    st2 = synth.ambiguity_strata(flipped, exo)
+    assert np.array_equal(st2["finding"]["stratum"], st["finding"]["stratum"])
+    assert np.array_equal(st2["race"]["stratum"], st["race"]["stratum"])
