@@ -274,10 +274,10 @@ def _part_intact(staging: Path, part: dict) -> bool:
 class _Progress:
     """One line per interval: images done, images/s, ETA, kept and unreadable so far."""
 
-    def __init__(self, source: str, total: int, done: int, every_s: float, stream=sys.stdout):
+    def __init__(self, source: str, total: int, done: int, every_s: float, stream=None):
         self.source, self.total, self.done, self.start = source, total, done, done
         self.kept = self.bad = 0
-        self.every_s, self.stream = every_s, stream
+        self.every_s, self.stream = every_s, stream or sys.stdout
         self.t0 = self.last = time.perf_counter()
 
     def update(self, result: dict) -> None:

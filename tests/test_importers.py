@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import csv
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -107,6 +117,7 @@ def test_import_mimic_keeps_filters_and_reports(mimic_root, tmp_path, capsys):
     assert meta.loc["d03", ["sex", "race", "finding"]].tolist() == ["male", "asian", "pleural_effusion"]
     assert meta.loc["d10", ["race", "finding", "subject_id"]].tolist() == ["black", "no_finding", "10000004"]
     assert all(meta["split"] == [subject_split(s) for s in meta["subject_id"]])
+    assert info["split"].startswith("subject hash 80/10/10 (no mimic-cxr-2.0.0-split.csv[.gz] under ")
     problems = data.validate_dataset(out)["problems"]
     assert all("has no rows" in p for p in problems), problems  # three images cannot fill three splits
     assert data.read_image(out / meta.loc["d03", "path"]).shape == (32, 32)
@@ -225,3 +236,129 @@ def test_race_mapping_and_subject_split():
     assert splits == [subject_split(f"{10000000 + i}") for i in range(4000)]
     frac = {s: splits.count(s) / 4000 for s in ("train", "val", "test")}
     assert abs(frac["train"] - 0.8) < 0.03 and abs(frac["val"] - 0.1) < 0.02
+
+
+def _gzip_to(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as f, gzip.open(dst, "wb") as g:
+        g.write(f.read())
+    src.unlink()
+
+
+def test_import_mimic_as_physionet_ships_it(mimic_root, tmp_path, capsys):
+    """Gzipped tables in PhysioNet's folders, MIMIC-IV beside MIMIC-CXR-JPG, the official split used."""
+    from cxrcf.cli import main
+
+    files = tmp_path / "physionet.org" / "files"
+    root = files / "mimic-cxr-jpg" / "2.0.0"
+    root.mkdir(parents=True)
+    shutil.move(mimic_root / "files", root / "files")
+    for name in ("mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-chexpert.csv"):
+        _gzip_to(mimic_root / name, root / f"{name}.gz")
+    for name in ("patients.csv", "admissions.csv"):
+        _gzip_to(mimic_root / name, files / "mimiciv" / "2.2" / "hosp" / f"{name}.gz")
+    split = {"d01": "train", "d03": "validate", "d10": "test", "d11": "train"}
+    with gzip.open(root / "mimic-cxr-2.0.0-split.csv.gz", "wt") as f:
+        f.write("dicom_id,study_id,subject_id,split\n" + "".join(f"{d},0,0,{v}\n" for d, v in split.items()))
+
+    out = tmp_path / "data"
+    assert main(["data", "import-mimic", "--root", str(root), "--out", str(out), "--resolution", "32"]) == 0
+    printed = capsys.readouterr().out
+    meta = data.load_metadata(out).set_index("id")
+    assert meta["split"].to_dict() == {"d01": "train", "d03": "val", "d10": "test"}
+    assert meta.loc["d03", ["sex", "race", "finding"]].tolist() == ["male", "asian", "pleural_effusion"]
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["split"] == "official (mimic-cxr-2.0.0-split.csv.gz: train/validate/test)"
+    assert "split: official (mimic-cxr-2.0.0-split.csv.gz" in printed and "kept 3 images, 5 bad rows" in printed
+    assert str(files / "mimiciv" / "2.2" / "hosp" / "patients.csv.gz") in info["tables"]
+    errors = pd.read_csv(out / "import_errors.csv", dtype=str)
+    assert (errors["file"] == str(files / "mimiciv" / "2.2" / "hosp" / "patients.csv.gz")).sum() == 1
+    assert (errors["file"] == str(root / "mimic-cxr-2.0.0-metadata.csv.gz")).sum() == 3
+    assert not list(tmp_path.glob(".data.*"))  # no staging left behind
+
+    # A dicom missing from the split file is a bad row naming it; two MIMIC-IV versions are not guessed between.
+    with gzip.open(root / "mimic-cxr-2.0.0-split.csv.gz", "wt") as f:
+        f.write("dicom_id,study_id,subject_id,split\nd01,0,0,train\nd03,0,0,validate\n")
+    import_mimic(root, out, resolution=32)
+    errors = pd.read_csv(out / "import_errors.csv", dtype=str)
+    assert errors["reason"].str.fullmatch("dicom_id d10 has no row in mimic-cxr-2.0.0-split.csv.gz").sum() == 1
+    shutil.copytree(files / "mimiciv" / "2.2", files / "mimiciv" / "3.1")
+    with pytest.raises(CxrcfError, match=r"^patients.csv: found in 2 places under .*mimiciv .*; pass --mimic-iv"):
+        import_mimic(root, out, resolution=32)
+    info = import_mimic(root, out, resolution=32, mimic_iv=files / "mimiciv" / "3.1")
+    assert str(files / "mimiciv" / "3.1" / "hosp" / "admissions.csv.gz") in info["tables"]
+
+
+def test_import_chexpert_as_shipped(chexpert_root, tmp_path):
+    """--root may be the folder above CheXpert-v1.0-small; CHEXPERT DEMO.xlsx beside it is found and read."""
+    demo = pd.read_csv(chexpert_root.parent / "demo.csv", dtype=str, keep_default_na=False)
+    demo.to_excel(chexpert_root.parent / "CHEXPERT DEMO.xlsx", index=False)
+    (chexpert_root.parent / "demo.csv").unlink()
+    out = tmp_path / "data"
+    info = import_chexpert(chexpert_root.parent, out, resolution=16)
+    assert sorted(data.load_metadata(out)["id"]) == [
+        "patient00001_study1_view1_frontal", "patient00004_study1_view1_frontal", "patient00008_study1_view1_frontal"]
+    assert info["demographics"] == str(chexpert_root.parent / "CHEXPERT DEMO.xlsx")
+    assert info["split"] == "subject hash 80/10/10 over train.csv + valid.csv"
+    errors = pd.read_csv(out / "import_errors.csv", dtype=str)
+    klingon = errors[errors["reason"].str.contains("Klingon")]
+    assert klingon[["file", "row"]].values.tolist() == [[str(chexpert_root.parent / "CHEXPERT DEMO.xlsx"), "8"]]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _dataset_bytes(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_killed_import_resumes_to_the_uninterrupted_result(tmp_path, capsys):
+    """A whole-archive import killed mid-run resumes from its verified chunks, in parallel, to the
+    same bytes as one uninterrupted run. A FIFO stands in for an image on a stalled network share:
+    the first run blocks there, deterministically, with the chunks before it done."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from mimic_archive import image_path, jpeg_bytes, write_archive
+
+    root = write_archive(tmp_path / "archive", 40, size=64)
+    reference = tmp_path / "reference"
+    import_mimic(root, reference, resolution=32, workers=1)
+    meta = pd.read_csv(reference / "metadata.csv", dtype=str)
+    assert len(meta) == 40 and set(meta["split"]) == {"train", "val", "test"}
+
+    stall = image_path(root, "10000011", "50000022", f"{22:08x}-synthetic")  # the first image of chunk 5
+    stall.unlink()
+    os.mkfifo(stall)
+    out = tmp_path / "data"
+    staging = tmp_path / ".data.import"
+    cmd = [sys.executable, "-m", "cxrcf.cli", "data", "import-mimic", "--root", str(root), "--out", str(out),
+           "--resolution", "32", "--workers", "1", "--chunk-size", "4"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    try:
+        while len(list((staging / "parts").glob("chunk-*.json"))) < 5:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the import converted nothing in time"
+            time.sleep(0.02)
+        time.sleep(0.2)  # it is blocked on the FIFO: nothing more can finish
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert sorted(p.name for p in (staging / "parts").glob("chunk-*.json")) == [
+        f"chunk-{i:06d}.json" for i in range(5)]
+    assert not out.exists()
+
+    # Power loss left one converted image of chunk 1 empty: that chunk is converted again.
+    torn = json.loads((staging / "parts" / "chunk-000001.json").read_text())["kept"][0]["id"]
+    (staging / "images" / f"{torn}.png").write_bytes(b"")
+    stall.unlink()
+    stall.write_bytes(jpeg_bytes(22, 64))
+    capsys.readouterr()
+    info = import_mimic(root, out, resolution=32, workers=2, chunk_size=4)
+    printed = capsys.readouterr().out
+    assert "resuming: 4 of 10 chunks (16 images) already converted" in printed
+    assert "import MIMIC-CXR-JPG: 40/40 images (100.0%) | " in printed
+    assert info["throughput"]["converted"] == 24 and info["throughput"]["resumed"] == 16
+    assert _dataset_bytes(out) == _dataset_bytes(reference)
+    assert not staging.exists()
