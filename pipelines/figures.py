@@ -153,3 +153,37 @@ def study_curve(points: list[dict], path: str | Path, none_point: dict | None = 
     ax.set_title("CFT strength sweep (labels: slack, nats/pixel)")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def endpoint_curve(curve: list[dict], none_point: dict, true_auc: float, path: str | Path, title: str = "") -> Path:
+    """The primary endpoint A (against the true counterfactuals) over do(k) effectiveness.
+
+    `curve`: per (mode, slack) `{"mode", "slack", "auc", "A_minus_none", "stderr"}`; hard and soft
+    points sit at A_none + their paired difference. The truth is A = 0 at its own AUC by definition.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 4.5))
+    a_none = none_point["A"]
+    for mode in ("hard", "soft"):
+        pts = sorted((p for p in curve if p["mode"] == mode and p["auc"] is not None
+                      and p["A_minus_none"] is not None), key=lambda p: p["slack"])
+        if not pts:
+            continue
+        ax.errorbar([p["auc"] for p in pts], [a_none + p["A_minus_none"] for p in pts],
+                    yerr=[p.get("stderr") or 0.0 for p in pts], marker="o", capsize=3,
+                    color=MODE_COLORS[mode], label=f"{mode} CFT")
+        for p in pts:
+            ax.annotate(f"{p['slack']:g}", (p["auc"], a_none + p["A_minus_none"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4), color=MODE_COLORS[mode])
+    if none_point.get("auc") is not None and a_none is not None:
+        ax.plot([none_point["auc"]], [a_none], marker="s", color=MODE_COLORS["none"], ls="none", label="no CFT")
+    if true_auc is not None and math.isfinite(true_auc):
+        ax.plot([true_auc], [0.0], marker="*", ms=10, color=MODE_COLORS["true"], ls="none",
+                label="true counterfactual")
+        ax.axvline(true_auc, color=MODE_COLORS["true"], ls="--", lw=0.8)
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.set_xlabel("effectiveness: AUC of the intervened attribute on x*")
+    ax.set_ylabel("A: mean over directions of lo(x*) - lo(x*_true)")
+    ax.set_title(title or "primary endpoint against effectiveness (labels: slack)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -239,6 +239,11 @@ def build(params, evals: dict, eval_dir: Path, study: dict | None, study_dir: Pa
         if study_dir and (study_dir / "study_curve.png").is_file():
             el.append(("img", study_dir / "study_curve.png", "figures/study_curve.png",
                        "Amplification against effectiveness across CFT strengths."))
+    if study and study.get("endpoint"):
+        el.extend(_endpoint_section(study["endpoint"], study_dir))
+        from pipelines.study import flat_metrics
+
+        headline.update({f"study_{k}": v for k, v in flat_metrics(study).items()})
     occlusion = study_dir / "occlusion.json" if study_dir else None
     if occlusion and occlusion.is_file():
         from cxrcf.fileio import read_json
@@ -313,6 +318,49 @@ def to_html(elements: list, root: Path) -> str:
              "img{max-width:100%}figure{margin:1em 0}figcaption{color:#555;font-size:90%}")
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>cxrcf report</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _endpoint_section(an: dict, study_dir: Path | None) -> list:
+    """The pre-registered verdict, the primary and secondary numbers and the full endpoint table."""
+    v, sec = an["verdict"], an["secondary"]
+    el: list = [("h2", "Primary endpoint and pre-registered verdict")]
+    first_look = (v.get("seeds") or 0) < 3
+    if first_look:
+        el.append(("p", (f"**First look, not the verdict**: {v.get('seeds') or 0} CFT seed(s) per mode; the verdict "
+                         "needs the full `cxrcf study` (>= 3 seeds, hard and soft, the effectiveness curve).")))
+    ci = v.get("ratio_ci95") or [None, None]
+    el.append(("p", (f"Verdict: **{v['verdict']}** ({v.get('reason', '')}). Endpoint: {v['pair']} on "
+                     f"{v['stratum']} images (ambiguity from the simulator's noise), A = mean over flip directions "
+                     "of mean[lo(x*) - lo(x*_true)]; differences to no CFT are paired per image. "
+                     f"Hard − none {_f(v.get('hard_minus_none'), signed=True)} ± {_f(v.get('hard_minus_none_stderr'))}, "
+                     f"soft − none {_f(v.get('soft_minus_none'), signed=True)} ± {_f(v.get('soft_minus_none_stderr'))}, "
+                     f"ratio {_f(v.get('ratio'), 2)} (95% interval {_f(ci[0], 2)} to {_f(ci[1], 2)}); "
+                     f"true counterfactuals' do(sex) AUC {_f(an.get('true_auc'))}.")))
+    header = ["precondition", "passed", "detail"]
+    rows = [[name, "yes" if pc["passed"] else "**no**", str(pc["detail"])]
+            for name, pc in v["preconditions"].items()]
+    el.append(("table", header, rows))
+    sci = sec.get("ratio_ci95") or [None, None]
+    el.append(("p", (f"Secondary, {sec['pair']} ({sec['stratum']}): hard − none "
+                     f"{_f(_get(sec, 'hard_minus_none.mean'), signed=True)} ± {_f(_get(sec, 'hard_minus_none.stderr'))}, "
+                     f"soft − none {_f(_get(sec, 'soft_minus_none.mean'), signed=True)} ± "
+                     f"{_f(_get(sec, 'soft_minus_none.stderr'))}, ratio {_f(sec.get('ratio'), 2)} "
+                     f"({_f(sci[0], 2)} to {_f(sci[1], 2)}).")))
+    el.append(("h2", "Every pair, direction and stratum"))
+    el.append(("p", ("Against the true counterfactual, seed-averaged: A and its per-direction means "
+                     "(direction = the intervened attribute's new value), with the pooled AMP against x (the "
+                     "old endpoint, kept as a secondary figure) and the truth's own shift against x.")))
+    header = ["generator", "pair", "stratum", "n", "A ± stderr", "per direction", "pooled AMP vs x",
+              "truth vs x"]
+    rows = [[r["generator"], r["pair"], r["stratum"], str(r["n"]), f"{_f(r['A'], signed=True)} ± {_f(r['stderr'])}",
+             ", ".join(f"{d}: {_f(m, signed=True)}" for d, m in r["directions"].items()),
+             _f(r["pooled_amp_vs_x"], signed=True), _f(r["truth_shift_vs_x"], signed=True)]
+            for r in an["table"]]
+    el.append(("table", header, rows))
+    if study_dir and (study_dir / "endpoint_curve.png").is_file():
+        el.append(("img", study_dir / "endpoint_curve.png", "figures/endpoint_curve.png",
+                   "Primary endpoint against do(sex) effectiveness: none, hard and soft per slack, and the truth."))
+    return el
 
 
 def _bars(evals: dict, path: Path) -> None:

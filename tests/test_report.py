@@ -6,10 +6,12 @@ import json
 import shutil
 
 import pytest
+from endpoint_fixtures import write_study_measurements
 from helpers import occlusion_evaluator
 
 from cxrcf.config import preset_params
 from pipelines.occlusion import analyse
+from pipelines.study import VERDICT_CODES
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,7 @@ def study_dir(eval_dir, tmp_path_factory):
                 run = out / "runs" / run_name(mode, slack, seed)
                 run.mkdir(parents=True)
                 shutil.copy(eval_dir / f"{mode}.json", run / "eval.json")
+    write_study_measurements(out, params.study.slacks, params.study.seeds)
     return out
 
 
@@ -56,7 +59,8 @@ def test_study_resumes_from_existing_results_and_draws_the_curve(study_dir):
 
     params = preset_params("smoke")
     # Every result exists, so nothing is trained: model paths that do not exist are never touched.
-    study = run_study(params, "no-data", "no-generator", "no-guidance", "no-scm", "no-predictor", study_dir)
+    study = run_study(params, "no-data", "no-generator", "no-guidance", "no-scm", "no-predictor", study_dir,
+                      log_mlflow=False)
     assert (study_dir / "study_curve.png").read_bytes()[:4] == b"\x89PNG"
     on_disk = json.loads((study_dir / "study.json").read_text())
     assert on_disk == study
@@ -100,8 +104,14 @@ def test_report_markdown_html_and_mlflow_run(eval_dir, study_dir, tmp_path, mlfl
     evals = _evals(eval_dir)
     for heading in ("## Effectiveness", "## Amplification", "## Composition, reversibility and ground truth",
                     "## Strength sweep", "## Verdict at the pipeline's strength", "## Other values of t_u",
-                    "## Where sex evidence goes under do(finding)"):
+                    "## Where sex evidence goes under do(finding)", "## Primary endpoint and pre-registered verdict",
+                    "## Every pair, direction and stratum"):
         assert heading in md
+    # The smoke sweep has one seed: the report says it is a first look, and gives the verdict word.
+    verdict = json.loads((study_dir / "verdict.json").read_text())
+    assert "**First look, not the verdict**" in md and f"Verdict: **{verdict['verdict']}**" in md
+    assert "| hard-slack0.05 | finding\\|do(sex) | ambiguous |" in md
+    assert "figures/endpoint_curve.png" in md
     assert "| AMP(j \\| do k) | none | hard | soft | soft / hard |" in md
     assert "finding\\|do(sex)" in md
     assert "| identity-generator | " in md and "split at row 4 of 8" in md
@@ -119,6 +129,7 @@ def test_report_markdown_html_and_mlflow_run(eval_dir, study_dir, tmp_path, mlfl
     run = MlflowClient(mlflow_uri).get_run(res["run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "report"
     assert run.data.metrics["report/hard_amplification_mean"] == pytest.approx(h)
+    assert run.data.metrics["report/study_verdict_code"] == VERDICT_CODES[verdict["verdict"]]
     arts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(res["run_id"], "report")}
     assert {"report/report.md", "report/report.html"} <= arts
 
