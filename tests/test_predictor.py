@@ -36,7 +36,7 @@ def test_shapes_and_dtypes(kind, resolution):
 
 
 def test_paper_preset_runs_at_192():
-    arch = preset_params("paper").predictors.evaluation.arch
+    arch = preset_params("paper").predictors.guidance.arch
     assert arch.kind == "resnet18" and arch.resolution == 192
     model = Predictor(arch).eval()
     n_params = sum(p.numel() for p in model.parameters())
@@ -90,3 +90,32 @@ def test_loss_trains_on_a_small_batch():
     last = {k: float(v) for k, v in parts.items()}
     assert all(last[k] < first[k] - 0.1 for k in first), (first, last)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "paper"])
+def test_evaluation_predictor_is_independent_of_the_guide(preset):
+    p = preset_params(preset).predictors
+    g, e = p.guidance.arch, p.evaluation.arch
+    assert (g.kind, g.resolution) != (e.kind, e.resolution)
+    assert {g.train_half, e.train_half} == {"first", "second"}
+    assert p.guidance.optim.seed != p.evaluation.optim.seed
+
+
+def test_training_halves_are_disjoint_and_fixed(tiny_data):
+    from training.predictors import half_ids, load_half
+
+    ids = [f"id{i}" for i in range(101)]
+    first, second = half_ids(ids, "first"), half_ids(list(reversed(ids)), "second")
+    assert not set(first) & set(second) and sorted(first + second) == sorted(ids)
+    assert len(first) == 50 and half_ids(ids, "first") == first and half_ids(ids, "all") == sorted(ids)
+    x1, p1 = load_half(str(tiny_data), 24, "first", "train")
+    x2, p2 = load_half(str(tiny_data), 24, "second", "train")
+    xa, _ = load_half(str(tiny_data), 24, "all", "train")
+    assert x1.shape[1:] == (1, 24, 24) and len(x1) + len(x2) == len(xa) and abs(len(x1) - len(x2)) <= 1
+    assert len(p1["sex"]) == len(x1) and len(p2["age"]) == len(x2)
+    # No training image is in both halves; validation is whole for both.
+    flat1 = {tuple(v.flatten().tolist()) for v in x1}
+    assert not any(tuple(v.flatten().tolist()) in flat1 for v in x2)
+    v1, _ = load_half(str(tiny_data), 24, "first", "val")
+    v2, _ = load_half(str(tiny_data), 24, "second", "val")
+    assert torch.equal(v1, v2)

@@ -1,6 +1,9 @@
 """Phase `predictors`: the guidance predictor (frozen inside CFT) and the independent evaluation
-predictor (different seed; the smoke preset also differs in width), trained one
-after the other inside ONE TorchTrainer fit so the workers start once."""
+predictor, trained one after the other inside ONE TorchTrainer fit so the workers start once.
+
+The evaluator is independent of the guide (issue 15): another seed, another resolution in the
+presets, and the other half of the training split (`PredictorArch.train_half`; a seeded split of
+the train ids, so the halves are disjoint and the same on every run). Both validate on all of val."""
 
 from __future__ import annotations
 
@@ -70,15 +73,46 @@ def validate_predictor(model, x, parents, device) -> dict[str, float]:
     return predictor_metrics(probs, parents)
 
 
+HALF_SEED = 15  # fixes which train ids form each half
+
+
+def half_ids(ids, half: str) -> list[str]:
+    """The train ids of one half ("first" / "second") of a seeded permutation, or all of them."""
+    import numpy as np
+
+    ids = sorted(ids)
+    if half == "all":
+        return ids
+    order = np.random.default_rng(HALF_SEED).permutation(len(ids))
+    cut = len(ids) // 2
+    chosen = order[:cut] if half == "first" else order[cut:]
+    return [ids[i] for i in np.sort(chosen)]
+
+
+def load_half(data_root: str, resolution: int, half: str, split: str):
+    """(x, parents) of a split; the train split restricted to one half. Runs on the workers."""
+    from cxrcf.data import load_split
+
+    arrays = load_split(data_root, split, resolution)
+    if split != "train" or half == "all":
+        return arrays.x, arrays.parents
+    keep = set(half_ids(arrays.ids, half))
+    idx = torch.as_tensor([i for i, k in enumerate(arrays.ids) if k in keep])
+    return arrays.x[idx], {k: v[idx] for k, v in arrays.parents.items()}
+
+
 def make_tasks(params, data_root):
     from training.common import loader
     from training.loop import Task
 
+    loader(data_root, 0)  # checks that data_root is a dataset
+    root = str(Path(data_root).resolve())
     tasks = []
     for name in TASKS:
         cfg = getattr(params.predictors, name)
         tasks.append(Task(name=name, optim=cfg.optim, build=functools.partial(build_objective, cfg.arch),
-                          data=loader(data_root, cfg.arch.resolution), validate=validate_predictor))
+                          data=functools.partial(load_half, root, cfg.arch.resolution, cfg.arch.train_half),
+                          validate=validate_predictor))
     return tasks
 
 
