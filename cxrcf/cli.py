@@ -41,6 +41,9 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for key, value in QUIET_ENV.items():
+        # `cxrcf serve` decides Ray's auth itself: on whenever the API is reachable off loopback
+        if key == "RAY_AUTH_MODE" and argv[:1] == ["serve"]:
+            continue
         os.environ.setdefault(key, value)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

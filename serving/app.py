@@ -27,12 +27,19 @@
 # No `from __future__ import annotations`: Serve rebuilds the route methods of the ingress class
 # in its own module, where FastAPI could not resolve string annotations of the request body.
 import asyncio
+import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -41,13 +48,26 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
 from pydantic import BaseModel, ConfigDict
 from ray import serve
+from ray.serve.config import BackpressureConfig
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxrcf.config import ServeConfig
 from cxrcf.errors import CxrcfError
 from serving import auth
 from serving.engine import Item, ItemResult, run_batch
-from serving.images import ImageError, decode_png, encode_png, resize_gray
+from serving.images import (
+    ImageError,
+    ImageTooLarge,
+    check_size,
+    decode_png,
+    decode_png_bytes,
+    encode_png,
+    peek_size,
+    resize_gray,
+)
+from serving.policy import ServePolicy, reply_bytes
 from serving.schemas import (
+    AliasState,
     BatchStats,
     Counterfactual,
     CounterfactualRequest,
@@ -58,6 +78,7 @@ from serving.schemas import (
     Health,
     ModelInfo,
     ModelRef,
+    Ready,
     drift,
     error_body,
     field_errors,
@@ -66,6 +87,7 @@ from serving.schemas import (
 )
 
 log = logging.getLogger("ray.serve")
+access = logging.getLogger("ray.serve.cxrcf.access")  # one JSON line per request
 
 APP_NAME = "cxrcf"
 ENV_PASSED = ("MLFLOW_TRACKING_URI", "CXRCF_MLFLOW_ARTIFACTS")  # replicas need the driver's registry
@@ -97,6 +119,7 @@ class Loaded:
     metrics: dict
     uri: str
     loaded_at: str
+    source: str = "registry"  # or "last-known-good"
 
 
 def _load(source: ModelSource, version: str) -> Loaded:
@@ -113,27 +136,150 @@ def _load(source: ModelSource, version: str) -> Loaded:
                   datetime.now(UTC).isoformat(timespec="seconds"))
 
 
-class ModelSlot:
-    """The generator a replica serves now, kept current with its alias by a polling thread."""
+def _gone(err: Exception) -> bool:
+    """The registry answered that the alias (or the whole model) no longer exists."""
+    text = str(err)
+    return isinstance(err, CxrcfError) and ("no version has alias" in text or "not registered" in text)
 
-    def __init__(self, source: ModelSource):
+
+def _one_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:300]
+
+
+# ---------------------------------------------------------------------------- last-known-good copy
+def _lkg_root(policy: ServePolicy, source: ModelSource) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.name)
+    return Path(policy.lkg_dir) / safe
+
+
+def _pointer(source: ModelSource) -> str:
+    return f"alias-{source.alias}.json" if source.alias else f"version-{source.version}.json"
+
+
+def _hashes(directory: Path) -> dict[str, str]:
+    return {str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
+def keep_lkg(policy: ServePolicy, source: ModelSource, state: Loaded) -> Path:
+    """Save the served version locally with SHA-256 digests, and point the alias at it."""
+    root = _lkg_root(policy, source)
+    target = root / f"v{state.version}"
+    if not (target / "manifest.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".v{state.version}-", dir=root))
+        try:
+            state.bundle.save(tmp / "bundle")
+            manifest = {"name": state.name, "version": state.version, "mode": state.mode, "metrics": state.metrics,
+                        "uri": state.uri, "files": _hashes(tmp / "bundle")}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+            try:
+                os.replace(tmp, target)  # another replica on this machine may have won the race: fine
+            except OSError:
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    pointer = root / _pointer(source)
+    staged = pointer.with_suffix(f".{os.getpid()}.tmp")
+    staged.write_text(json.dumps({"version": state.version}))
+    os.replace(staged, pointer)
+    # keep only what some pointer names: old versions would otherwise pile up on every promotion
+    named = {json.loads(p.read_text()).get("version") for p in root.glob("*.json")}
+    for old in root.glob("v*"):
+        if old.is_dir() and old.name[1:] not in named:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_lkg(policy: ServePolicy, source: ModelSource) -> Loaded:
+    """The verified local copy of the version `source` last served; CxrcfError naming what is wrong."""
+    from cxrcf.bundle import GeneratorBundle
+
+    root = _lkg_root(policy, source)
+    pointer = root / _pointer(source)
+    if not pointer.is_file():
+        raise CxrcfError(f"no last-known-good copy of {source.uri()} in {root}")
+    try:
+        version = json.loads(pointer.read_text())["version"]
+        target = root / f"v{version}"
+        manifest = json.loads((target / "manifest.json").read_text())
+    except (OSError, ValueError, KeyError) as err:
+        raise CxrcfError(f"last-known-good copy of {source.uri()} in {root}: unreadable ({_one_line(err)})") from None
+    if _hashes(target / "bundle") != manifest["files"]:
+        raise CxrcfError(f"last-known-good copy {target}: files differ from their SHA-256 manifest; not used")
+    bundle = GeneratorBundle.load(target / "bundle")
+    return Loaded(bundle, manifest["name"], str(manifest["version"]), source.alias, manifest.get("mode"),
+                  dict(manifest.get("metrics") or {}), manifest.get("uri") or source.uri(version),
+                  datetime.now(UTC).isoformat(timespec="seconds"), source="last-known-good")
+
+
+@dataclass
+class Failure:
+    version: str
+    count: int
+    retry_at: float
+    error: str
+
+
+class ModelSlot:
+    """The generator a replica serves now, kept current with its alias by a polling thread.
+
+    Every registry fault leaves a served, verified model in place; the policy is in serving/policy.py.
+    """
+
+    def __init__(self, source: ModelSource, policy: ServePolicy | None = None):
         from pipelines.registry import resolve_alias
 
         self.source = source
+        self.policy = policy or ServePolicy()
         self._resolve = resolve_alias
-        self.state = _load(source, self._current_version())
         self.reloads = 0
         self.poll_s = ServeConfig().reload_poll_s
+        self.withdrawn = False
+        self.reachable = True
+        self.last_ok: float | None = None
+        self.last_error: str | None = None
+        self.failure: Failure | None = None
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        log.info("cxrcf: serving %s (version %s)", source.uri(), self.state.version)
+        try:
+            version = self._current_version()
+            self.last_ok = time.monotonic()
+            self.state = _load(source, version)
+        except Exception as err:  # any registry fault: try the local copy before giving up
+            if _gone(err):
+                raise  # a withdrawn model is not started from a stale copy
+            self.reachable = False
+            self.last_error = _one_line(err)
+            try:
+                self.state = load_lkg(self.policy, source)
+            except CxrcfError as lkg_err:
+                raise CxrcfError(f"{source.uri()}: registry failed ({self.last_error}) and {lkg_err}") from None
+            log.warning("cxrcf: registry failed (%s); serving the last-known-good copy of version %s",
+                        self.last_error, self.state.version)
+        else:
+            self._keep()
+        self._report()
+        log.info("cxrcf: serving %s (version %s, from %s)", source.uri(), self.state.version, self.state.source)
 
     def _current_version(self) -> str:
         return self.source.version or self._resolve(self.source.name, self.source.alias)
 
-    def follow(self, poll_s: float) -> None:
+    def _keep(self) -> None:
+        try:
+            keep_lkg(self.policy, self.source, self.state)
+        except (OSError, CxrcfError) as err:  # serving matters more than the spare copy
+            log.warning("cxrcf: cannot keep a last-known-good copy in %s (%s)", self.policy.lkg_dir, err)
+
+    def _report(self) -> None:
+        record("served_version", float(self.state.version), {"model": self.state.name,
+                                                             "alias": self.source.alias or ""})
+
+    def follow(self, poll_s: float, policy: ServePolicy | None = None) -> None:
         """Start (once) following the alias; a pinned version never changes."""
         self.poll_s = poll_s
+        if policy is not None:
+            self.policy = policy
         if self.source.version is None and self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="cxrcf-alias-watch", daemon=True)
             self._watcher.start()
@@ -143,16 +289,116 @@ class ModelSlot:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
-            try:
-                version = self._current_version()
-                if version != self.state.version:
-                    log.info("cxrcf: %s moved to version %s; loading", self.source.uri(), version)
-                    fresh = _load(self.source, version)
-                    self.state = fresh  # one assignment: batches already running keep the old state
-                    self.reloads += 1
-                    log.info("cxrcf: now serving version %s", version)
-            except Exception as err:  # noqa: BLE001 -- whatever failed, keep serving the loaded version and retry
+            self.check()
+
+    def check(self) -> None:
+        """One alias check: follow a move, back off a failing version, notice a withdrawal."""
+        try:
+            version = self._current_version()
+        except Exception as err:  # noqa: BLE001 -- whatever failed, keep serving the loaded version
+            if _gone(err):
+                if not self.withdrawn:
+                    log.warning("cxrcf: %s was removed from the registry; model withdrawn (%s)",
+                                self.source.uri(), _one_line(err))
+                self.withdrawn, self.reachable, self.last_ok = True, True, time.monotonic()
+                self.last_error = _one_line(err)
+            else:
+                self.reachable, self.last_error = False, _one_line(err)
                 log.warning("cxrcf: alias check failed (%s); still serving version %s", err, self.state.version)
+            return
+        self.reachable, self.last_ok = True, time.monotonic()
+        if self.withdrawn:
+            log.info("cxrcf: %s is back (version %s)", self.source.uri(), version)
+            self.withdrawn = False
+        if version == self.state.version:
+            self.failure, self.last_error = None, None
+            return
+        failed = self.failure if self.failure and self.failure.version == version else None
+        if failed and time.monotonic() < failed.retry_at:
+            return
+        log.info("cxrcf: %s moved to version %s; loading", self.source.uri(), version)
+        try:
+            fresh = _load(self.source, version)
+        except Exception as err:  # noqa: BLE001 -- a broken version must never replace a working one
+            count = failed.count + 1 if failed else 1
+            delay = min(self.policy.reload_backoff_s * 2 ** (count - 1), self.policy.reload_backoff_max_s)
+            self.failure = Failure(version, count, time.monotonic() + delay, _one_line(err))
+            self.last_error = self.failure.error
+            record("reload_failures", 1, {"version": version})
+            log.warning("cxrcf: version %s failed to load (%s, failure %d); still serving version %s, "
+                        "next try in %.0fs", version, self.failure.error, count, self.state.version, delay)
+            return
+        self.state = fresh  # one assignment: batches already running keep the old state
+        self.failure = None
+        self.last_error = None
+        self.reloads += 1
+        self._keep()
+        self._report()
+        log.info("cxrcf: now serving version %s", version)
+
+    def alias_state(self) -> AliasState:
+        now = time.monotonic()
+        age = None if self.last_ok is None else round(now - self.last_ok, 3)
+        if self.source.version is not None:
+            state = "pinned"
+        elif self.withdrawn:
+            state = "withdrawn"
+        elif age is None or age > self.policy.stale_after_s:
+            state = "stale"
+        else:
+            state = "current"
+        f = self.failure
+        return AliasState(state=state, last_check_age_s=age, registry_reachable=self.reachable,
+                          source=self.state.source, failed_version=f.version if f else None,
+                          failures=f.count if f else 0,
+                          retry_in_s=round(max(0.0, f.retry_at - now), 3) if f else None,
+                          last_error=self.last_error)
+
+
+# ------------------------------------------------------------------------------------- metrics
+# Custom metrics beside Serve's built-in ones (ray_serve_*), exported by Ray's metrics agent on
+# every node (README: how to scrape). Made on first use, in the replica that records them.
+_METRICS: dict[str, Any] = {}
+_METRIC_KINDS = {
+    "requests": ("counter", "cxrcf_requests", "requests answered, by route and HTTP status", ("route", "status")),
+    "latency_ms": ("histogram", "cxrcf_request_latency_ms", "time in the replica per request, by route",
+                   ("route",), [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]),
+    "batch_size": ("histogram", "cxrcf_batch_size", "requests per batched forward pass", (),
+                   [1, 2, 4, 8, 16, 32, 64, 128]),
+    "batch_timeouts": ("counter", "cxrcf_batch_timeouts", "batches that missed batch_timeout_s", ()),
+    "reload_failures": ("counter", "cxrcf_reload_failures", "versions that failed to load", ("version",)),
+    "served_version": ("gauge", "cxrcf_served_version", "the model version each replica serves",
+                       ("model", "alias")),
+    "arm_requests": ("counter", "cxrcf_arm_requests", "counterfactual requests by traffic arm", ("arm", "version")),
+}
+
+
+def record(name: str, value: float, tags: dict[str, str] | None = None) -> None:
+    """Record one metric; a process without Ray (unit tests, the driver) records nothing."""
+    metric = _METRICS.get(name)
+    if metric is None:
+        if _METRICS.get("_off"):
+            return
+        try:
+            from ray.serve import metrics
+
+            kind, metric_name, description, tag_keys, *bounds = _METRIC_KINDS[name]
+            cls = {"counter": metrics.Counter, "histogram": metrics.Histogram, "gauge": metrics.Gauge}[kind]
+            extra = {"boundaries": bounds[0]} if bounds else {}
+            metric = _METRICS[name] = cls(metric_name, description=description, tag_keys=tag_keys or None, **extra)
+        except Exception:  # noqa: BLE001 -- metrics are never worth failing a request
+            _METRICS["_off"] = True
+            return
+    try:
+        if hasattr(metric, "observe"):
+            metric.observe(value, tags=tags)
+        elif hasattr(metric, "inc"):
+            metric.inc(value, tags=tags)
+        else:
+            metric.set(value, tags=tags)
+    except Exception:  # noqa: BLE001 -- a metric that cannot be recorded stops being recorded
+        _METRICS.pop(name, None)
+        _METRICS["_off"] = True
 
 
 # ---------------------------------------------------------------------------------- HTTP side
@@ -164,11 +410,14 @@ api = FastAPI(
                 "predictor infer them) and interventions; get back counterfactual images with what the "
                 "evaluation predictor believes about each.",
 )
-# Per-replica settings (each replica is its own process), replaced by CounterfactualService.reconfigure.
-# Only module-level functions touch them: Serve ships the ingress class by value, and a method that
-# named this dict (or `api`) directly would get its own copy instead of the one the middleware reads.
+# Per-replica settings (each replica is its own process), set by CounterfactualService's constructor
+# and reconfigure. Only module-level functions touch them: Serve ships the ingress class by value,
+# and a method that named this dict (or `api`) directly would get its own copy instead of the one the
+# middleware reads. key_digests None = not configured yet: every keyed route answers 503 (fail closed).
 _RUNTIME: dict[str, Any] = {"max_body_bytes": ServeConfig().max_body_bytes,
-                            "max_interventions": ServeConfig().max_interventions, "key_digests": []}
+                            "max_interventions": ServeConfig().max_interventions, "key_digests": None,
+                            "max_ongoing_requests": ServeConfig().max_ongoing_requests, "policy": ServePolicy(),
+                            "service": None}
 
 
 def runtime() -> dict[str, Any]:
@@ -177,24 +426,39 @@ def runtime() -> dict[str, Any]:
 
 def configure_runtime(config: dict) -> None:
     _RUNTIME.update(max_body_bytes=int(config["max_body_bytes"]), max_interventions=int(config["max_interventions"]),
-                    key_digests=list(config.get("api_key_digests") or []))
+                    key_digests=list(config.get("api_key_digests") or []),
+                    max_ongoing_requests=int(config.get("max_ongoing_requests", ServeConfig().max_ongoing_requests)),
+                    policy=ServePolicy.model_validate(config.get("policy") or {}))
 
-BIG_IMAGE_CHARS = 300_000  # base64 characters (or pixels x 2) above which PNG coding leaves the event loop
+
+def _attach(service) -> None:
+    _RUNTIME["service"] = service
+
+
+# A header-checked image at most this large (and its base64 at most INLINE_CHARS) is coded on the
+# event loop: a thread hop costs more than coding it. Anything larger goes to the codec threads.
+INLINE_PIXELS = 128 * 128
+INLINE_CHARS = 64_000
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+COUNTERFACTUALS = "/v1/counterfactuals"
 
 ERRORS = {code: {"model": ErrorBody, "description": what} for code, what in {
-    401: "missing or wrong API key", 413: "body larger than serve.max_body_bytes",
-    422: "invalid request; `errors` names each field", 503: "model not available"}.items()}
+    401: "missing or wrong API key (checked before the body is read)",
+    413: "body, image pixels or reply over a limit (serve.max_body_bytes, serve.max_pixels, serve.max_reply_bytes)",
+    422: "invalid request; `errors` names each field",
+    503: "overloaded (Retry-After), model withdrawn or inference failed",
+    504: "the request or its batch missed its deadline (serve.request_timeout_s, serve.batch_timeout_s)"}.items()}
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, field: str, message: str):
+    def __init__(self, status: int, field: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(f"{field}: {message}")
-        self.status, self.field, self.message = status, field, message
+        self.status, self.field, self.message, self.headers = status, field, message, headers
 
 
 @api.exception_handler(ApiError)
 async def _api_error(_: Request, err: ApiError):
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else (err.headers or None)
     return JSONResponse(error_body([FieldError(field=err.field, message=err.message)]), err.status, headers)
 
 
@@ -203,12 +467,32 @@ async def _invalid(_: Request, err: RequestValidationError):
     return JSONResponse(error_body(field_errors(list(err.errors()))), 422)
 
 
-class BodyLimit:
-    """Refuse a body over serve.max_body_bytes with a 413 before the app reads it.
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException):
+    # Starlette's own refusals (unknown path, wrong method, an undecodable body) in the API's error shape
+    field = {404: "path", 405: "method"}.get(err.status_code, "body")
+    message = str(err.detail) if err.status_code != 400 else f"cannot be parsed ({err.detail})"
+    return JSONResponse(error_body([FieldError(field=field, message=message)]), err.status_code,
+                        getattr(err, "headers", None))
 
-    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware wraps every
-    request in a task group and a re-streamed body, which cost a measurable share of the replica's
-    event loop per request under load.
+
+def _request_id(scope) -> str:
+    given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+    # honoured when it is a sane token; anything else (too long, control characters) is replaced
+    if 0 < len(given) <= 128 and all(33 <= c < 127 for c in given):
+        return given.decode("ascii")
+    return uuid.uuid4().hex
+
+
+class Guard:
+    """Everything a request meets before the routes, in plain ASGI (cheap, and before the body is read).
+
+    Order: auth (401, or 503 before the keys are configured) -> body limit (413) -> the route under
+    its deadline (504). Every answer is counted in the metrics and written as one JSON access-log
+    line with its X-Request-ID. Overload never gets this far: Serve's own queue bound
+    (max_queued_requests, on the proxy and on the direct port) answers 503 with Retry-After. Plain ASGI rather than `@app.middleware("http")`:
+    Starlette's BaseHTTPMiddleware wraps every request in a task group and a re-streamed body,
+    which cost a measurable share of the replica's event loop per request under load.
     """
 
     def __init__(self, app):
@@ -217,43 +501,110 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = runtime()["max_body_bytes"]
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-        if declared is not None:
-            if not declared.isdigit():
-                return await _refuse(400, "content-length", "not a number", scope, receive, send)
-            if int(declared) > limit:
-                return await _refuse(413, "body", f"{int(declared)} bytes is over the limit of {limit} "
-                                     "(serve.max_body_bytes)", scope, receive, send)
-            return await self.app(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        # no declared length (chunked upload): read at most limit + 1 bytes, then replay what was read
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > limit:
-                return await _refuse(413, "body", f"over {limit} bytes, the limit (serve.max_body_bytes)",
-                                     scope, receive, send)
-        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replayed():
-            return replay.pop() if replay else await receive()
-
-        return await self.app(scope, replayed, send)
+        return await _guarded(self.app, scope, receive, send)
 
 
-async def _refuse(status: int, field: str, message: str, scope, receive, send) -> None:
-    response = JSONResponse(error_body([FieldError(field=field, message=message)]), status)
+async def _guarded(app, scope, receive, send):
+    rt = runtime()
+    started = time.perf_counter()
+    path = scope["path"]
+    status = {"code": 0, "bytes": 0, "model": None}
+    given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+    # Serve's own middleware has put the client's X-Request-ID (or a fresh one) in the request and
+    # echoes it; only without Serve in front (an in-process ASGI client) is it made and sent here
+    rid = given.decode("latin-1")[:128] if given else uuid.uuid4().hex
+    extra = [] if given else [(b"x-request-id", rid.encode())]
+
+    async def tagged(message):
+        if message["type"] == "http.response.start":
+            status["code"] = message["status"]
+            headers = list(message.get("headers", [])) + extra
+            status["model"] = next((v.decode() for k, v in headers if k == b"x-model-version"), None)
+            message = {**message, "headers": headers}
+        elif message["type"] == "http.response.body":
+            status["bytes"] += len(message.get("body", b""))
+        await send(message)
+
+    try:
+        if path not in PUBLIC_PATHS:
+            if rt["key_digests"] is None:
+                return await _refuse(503, "service", "starting: not configured yet", scope, receive, tagged,
+                                     retry=rt["policy"].retry_after_s)
+            if not auth.authorized(_headers(scope), rt["key_digests"]):
+                return await _refuse(401, "X-API-Key", "missing or unknown API key (send X-API-Key or "
+                                     "Authorization: Bearer)", scope, receive, tagged)
+        receive = await _limit_body(scope, receive, tagged, rt["max_body_bytes"])
+        if receive is None:
+            return None
+        if path != COUNTERFACTUALS:
+            return await app(scope, receive, tagged)
+        timeout = rt["policy"].request_timeout_s
+        try:
+            return await asyncio.wait_for(app(scope, receive, tagged), timeout)
+        except TimeoutError:
+            if status["code"]:
+                raise
+            return await _refuse(504, "service", f"no answer within {timeout:g}s (serve.request_timeout_s)",
+                                 scope, receive, tagged)
+    finally:
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        code = status["code"] or 499  # 499: the client went away before an answer
+        route = path if path in PUBLIC_PATHS or path in ("/v1/model", COUNTERFACTUALS) else "other"
+        record("requests", 1, {"route": route, "status": str(code)})
+        record("latency_ms", elapsed_ms, {"route": route})
+        access.info(json.dumps({"access": 1, "request_id": rid, "method": scope["method"], "path": path[:200],
+                                "status": code, "ms": round(elapsed_ms, 2), "bytes": status["bytes"],
+                                "version": status["model"], "client": (scope.get("client") or ["?"])[0]}))
+
+
+def _headers(scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+            if k in (b"x-api-key", b"authorization")}
+
+
+async def _limit_body(scope, receive, send, limit: int):
+    """`receive` for the app, or None after refusing a body over serve.max_body_bytes with a 413."""
+    declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+    if declared is not None:
+        if not declared.isdigit():
+            await _refuse(400, "content-length", "not a number", scope, receive, send)
+            return None
+        if int(declared) > limit:
+            await _refuse(413, "body", f"{int(declared)} bytes is over the limit of {limit} "
+                          "(serve.max_body_bytes)", scope, receive, send)
+            return None
+        return receive
+    if scope["method"] not in ("POST", "PUT", "PATCH"):
+        return receive
+    # no declared length (chunked upload): read at most limit + 1 bytes, then replay what was read
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = message.get("more_body", False)
+        if size > limit:
+            await _refuse(413, "body", f"over {limit} bytes, the limit (serve.max_body_bytes)", scope, receive, send)
+            return None
+    replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+    async def replayed():
+        return replay.pop() if replay else await receive()
+
+    return replayed
+
+
+async def _refuse(status: int, field: str, message: str, scope, receive, send, retry: int | None = None) -> None:
+    headers = {"Retry-After": str(retry)} if retry else None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    response = JSONResponse(error_body([FieldError(field=field, message=message)]), status, headers)
     await response(scope, receive, send)
 
 
-api.add_middleware(BodyLimit)
+api.add_middleware(Guard)
 
 
 _key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="one of CXRCF_API_KEYS")
@@ -262,23 +613,29 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <one o
 
 async def require_key(request: Request, _k: Annotated[Any, Depends(_key_header)],
                       _b: Annotated[Any, Depends(_bearer)]) -> None:
-    # the two security dependencies only document the schemes in OpenAPI; the check reads the headers
-    if not auth.authorized(request.headers, runtime()["key_digests"]):
+    # Guard has checked already, before the body was read; this documents the schemes in OpenAPI
+    # and keeps the route closed should it ever be mounted without Guard
+    digests = runtime()["key_digests"]
+    if digests is None or not auth.authorized(request.headers, digests):
         raise ApiError(401, "X-API-Key", "missing or unknown API key (send X-API-Key or Authorization: Bearer)")
 
 
-def _read_dataset_image(root: str, image_id: str) -> tuple[Any, dict]:
-    import numpy as np
-    from PIL import Image
-
+def _read_dataset_image(root: str, image_id: str, max_pixels: int) -> tuple[Any, dict]:
     from cxrcf.data import load_metadata
 
     frame = _metadata(root, load_metadata)
     if image_id not in frame.index:
         raise ApiError(422, "image_id", f"unknown id {image_id!r} in {root}/metadata.csv")
     row = frame.loc[image_id]
-    with Image.open(os.path.join(root, row["path"])) as img:
-        pixels = np.asarray(img.convert("L"), dtype=np.uint8).copy()
+    try:
+        with open(os.path.join(root, row["path"]), "rb") as f:
+            raw = f.read(64 * 1024 * 1024 + 1)
+        # the uploaded-image codec: same size budget, same 16-bit scaling, a 422 for a corrupt file
+        pixels = decode_png_bytes(raw, max_pixels)
+    except ImageTooLarge as err:
+        raise ApiError(413, "image_id", f"the dataset image: {err}") from None
+    except (OSError, ImageError) as err:
+        raise ApiError(422, "image_id", f"cannot read the dataset image {row['path']} ({err})") from None
     parents = {"sex": row["sex"], "race": row["race"], "age": float(row["age"]), "finding": row["finding"]}
     return pixels, parents
 
@@ -309,34 +666,69 @@ def _reply(req: CounterfactualRequest, result: ItemResult, ref: dict, height: in
     ).model_dump_json().encode()
 
 
-def _inline_or_thread(fn, *args, big: bool):
-    # a thread hop costs more than coding a small image; a large one would stall the event loop
-    return asyncio.to_thread(fn, *args) if big else _done(fn(*args))
+_POOLS: dict[str, ThreadPoolExecutor] = {}
+
+
+def _pool(name: str) -> ThreadPoolExecutor:
+    # "infer": one thread, so a hung batch holds back the next ones (which then time out too and
+    # fail check_health) instead of a second forward pass running beside it; "codec": PNG work,
+    # kept off both the event loop and the inference thread
+    if name not in _POOLS:
+        _POOLS[name] = ThreadPoolExecutor(1 if name == "infer" else 2, thread_name_prefix=f"cxrcf-{name}")
+    return _POOLS[name]
+
+
+def _off_loop(fn, *args, inline: bool):
+    if inline:
+        return _done(fn(*args))
+    return asyncio.get_running_loop().run_in_executor(_pool("codec"), fn, *args)
 
 
 async def _done(value):
     return value
 
 
+def _check_reply(interventions: int, height: int, width: int, limit: int) -> None:
+    need = reply_bytes(interventions, height, width)
+    if need > limit:
+        raise ApiError(413, "interventions", f"{interventions} counterfactuals of {width}x{height} pixels may need "
+                       f"{need} bytes, over the limit of {limit} (serve.max_reply_bytes); send fewer "
+                       "interventions or a smaller image")
+
+
+class BatchTimeout(Exception):
+    pass
+
+
 @serve.ingress(api)
 class CounterfactualService:
-    def __init__(self, source: dict, data_root: str | None = None):
+    def __init__(self, source: dict, data_root: str | None = None, config: dict | None = None):
         import ray
         import torch
 
+        # the keys and limits are in force before this replica can answer anything (fail closed)
+        if config is not None:
+            configure_runtime(config)
+        policy = runtime()["policy"]
         source = ModelSource.model_validate(source)
         os.environ.update(source.env)
+        # MLflow's defaults retry an unreachable server for minutes; a replica must notice in seconds
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(policy.registry_timeout_s)))
         # Torch threads: one for small batches, the CPUs Ray reserved for this replica for large ones
         # (parallel_min_batch); more than reserved would only fight the other replicas.
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         self._cpus = max(1, int(cpus))
         torch.set_num_threads(1)
-        self._slot = ModelSlot(source)
+        self._slot = ModelSlot(source, policy)
         self._data_root = data_root
         self._batching = (8, 0.02)  # what @serve.batch below starts with, until reconfigure
         self._parallel_min_batch = ServeConfig().parallel_min_batch
         self._batches = 0
         self._requests = 0
+        self._batch_timeouts = 0
+        self._batch_started: float | None = None
+        _attach(self)
 
     def reconfigure(self, config: dict) -> None:
         configure_runtime(config)
@@ -344,7 +736,17 @@ class CounterfactualService:
         self._parallel_min_batch = int(config["parallel_min_batch"])
         self.batched.set_max_batch_size(self._batching[0])
         self.batched.set_batch_wait_timeout_s(self._batching[1])
-        self._slot.follow(float(config["reload_poll_s"]))
+        self._slot.follow(float(config["reload_poll_s"]), runtime()["policy"])
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose batches keep missing their deadline (a hung forward pass)."""
+        policy = runtime()["policy"]
+        if self._batch_timeouts >= policy.unhealthy_after_batch_timeouts:
+            raise RuntimeError(f"{self._batch_timeouts} consecutive batches missed batch_timeout_s "
+                               f"{policy.batch_timeout_s:g}s")
+        stuck = self._batch_started is not None and time.monotonic() - self._batch_started
+        if stuck and stuck > policy.batch_timeout_s * policy.unhealthy_after_batch_timeouts:
+            raise RuntimeError(f"a forward pass has run for {stuck:.0f}s")
 
     def __del__(self):
         slot = getattr(self, "_slot", None)
@@ -355,11 +757,29 @@ class CounterfactualService:
     async def batched(self, items: list[Item]) -> list[tuple[ItemResult, dict]]:
         state = self._slot.state
         threads = self._cpus if len(items) >= self._parallel_min_batch else 1
-        results = await asyncio.to_thread(run_batch, state.bundle, items, threads)
+        timeout = runtime()["policy"].batch_timeout_s
+        work = asyncio.get_running_loop().run_in_executor(_pool("infer"), self._run, state.bundle, items, threads)
+        try:
+            results = await asyncio.wait_for(asyncio.shield(work), timeout)
+        except TimeoutError:
+            self._batch_timeouts += 1
+            record("batch_timeouts", 1)
+            log.error("cxrcf: a batch of %d missed batch_timeout_s %gs (%d in a row)", len(items), timeout,
+                      self._batch_timeouts)
+            raise BatchTimeout(f"the batch missed its deadline of {timeout:g}s (serve.batch_timeout_s)") from None
+        self._batch_timeouts = 0
         self._batches += 1
         self._requests += len(items)
+        record("batch_size", len(items))
         ref = {"name": state.name, "version": state.version, "alias": state.alias, "mode": state.mode}
         return [(r, ref) for r in results]
+
+    def _run(self, bundle, items, threads):
+        self._batch_started = time.monotonic()
+        try:
+            return run_batch(bundle, items, threads)
+        finally:
+            self._batch_started = None
 
     def _info(self) -> dict:
         s = self._slot.state
@@ -369,28 +789,65 @@ class CounterfactualService:
             stats=BatchStats(batches=self._batches, requests=self._requests,
                              mean_batch_size=self._requests / self._batches if self._batches else 0.0,
                              max_batch_size=self._batching[0], batch_wait_timeout_s=self._batching[1]),
+            alias_state=self._slot.alias_state(),
         ).model_dump()
+
+    def _model_headers(self) -> dict[str, str]:
+        s = self._slot.state
+        return {"X-Model-Version": s.version, "X-Model-Alias": s.alias or "",
+                "X-Model-Alias-State": self._slot.alias_state().state}
 
     @api.get("/healthz", response_model=Health)
     async def healthz(self) -> dict:
         s = self._slot.state
         return Health(status="ok", model=s.name, version=s.version).model_dump()
 
+    @api.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "not ready"}})
+    async def readyz(self) -> Response:
+        s = self._slot.state
+        alias = self._slot.alias_state()
+        reasons = []
+        if alias.state == "withdrawn":
+            reasons.append(f"alias {s.alias!r} was removed from the registry (model withdrawn)")
+        if self._batch_timeouts:
+            reasons.append(f"{self._batch_timeouts} consecutive batch timeouts")
+        if runtime()["key_digests"] is None:
+            reasons.append("not configured")
+        body = Ready(ready=not reasons, reasons=reasons, model=s.name, version=s.version, alias=s.alias,
+                     alias_state=alias, batch_timeouts=self._batch_timeouts)
+        return Response(body.model_dump_json(), 503 if reasons else 200, media_type="application/json")
+
     @api.get("/v1/model", response_model=ModelInfo, dependencies=[Depends(require_key)],
              responses={401: ERRORS[401]})
-    async def model(self) -> dict:
-        return self._info()
+    async def model(self) -> Response:
+        return JSONResponse(self._info(), headers=self._model_headers())
 
-    @api.post("/v1/counterfactuals", response_model=CounterfactualResponse, dependencies=[Depends(require_key)],
+    @api.post(COUNTERFACTUALS, response_model=CounterfactualResponse, dependencies=[Depends(require_key)],
               responses=ERRORS)
     async def counterfactuals(self, req: CounterfactualRequest) -> Response:
-        limit = runtime()["max_interventions"]
+        rt = runtime()
+        policy: ServePolicy = rt["policy"]
+        if self._slot.withdrawn:
+            raise ApiError(503, "model", f"{self._slot.source.uri()} was removed from the registry: the model is "
+                           "withdrawn until the alias points to a version again", {"Retry-After": "60"})
+        limit = rt["max_interventions"]
         if len(req.interventions) > limit:
             raise ApiError(422, "interventions",
                            f"{len(req.interventions)} given; at most {limit} per request (serve.max_interventions)")
         if req.image is not None:
             try:
-                pixels = await _inline_or_thread(decode_png, req.image, big=len(req.image) > BIG_IMAGE_CHARS)
+                width, height = peek_size(req.image)
+                check_size(width, height, policy.max_pixels)
+            except ImageTooLarge as err:
+                raise ApiError(413, "image", str(err)) from None
+            except ImageError as err:
+                raise ApiError(422, "image", str(err)) from None
+            _check_reply(len(req.interventions), height, width, policy.max_reply_bytes)
+            inline = width * height <= INLINE_PIXELS and len(req.image) <= INLINE_CHARS
+            try:
+                pixels = await _off_loop(decode_png, req.image, policy.max_pixels, inline=inline)
+            except ImageTooLarge as err:
+                raise ApiError(413, "image", str(err)) from None
             except ImageError as err:
                 raise ApiError(422, "image", str(err)) from None
             parents = None
@@ -398,9 +855,11 @@ class CounterfactualService:
             if not self._data_root:
                 raise ApiError(422, "image_id", "this server has no dataset (start it with --data DIR)")
             try:
-                pixels, parents = await asyncio.to_thread(_read_dataset_image, self._data_root, req.image_id)
-            except (OSError, CxrcfError) as err:
-                raise ApiError(422, "image_id", f"cannot read the dataset image ({err})") from None
+                pixels, parents = await _off_loop(_read_dataset_image, self._data_root, req.image_id,
+                                                  policy.max_pixels, inline=False)
+            except CxrcfError as err:
+                raise ApiError(422, "image_id", f"cannot read the dataset ({err})") from None
+            _check_reply(len(req.interventions), *pixels.shape, policy.max_reply_bytes)
         if req.parents is not None:
             parents = req.parents.model_dump()
         height, width = pixels.shape
@@ -408,21 +867,25 @@ class CounterfactualService:
                     t_u=req.t_u, seed=req.seed)
         try:
             result, ref = await self.batched(item)
+        except BatchTimeout as err:
+            raise ApiError(504, "model", str(err)) from None
         except Exception as err:
             log.exception("cxrcf: batch failed")
-            raise ApiError(503, "model", f"inference failed ({type(err).__name__}); try again") from None
-        body = await _inline_or_thread(_reply, req, result, ref, height, width,
-                                       big=height * width > BIG_IMAGE_CHARS // 2)
+            raise ApiError(503, "model", f"inference failed ({type(err).__name__}); try again",
+                           {"Retry-After": str(policy.retry_after_s)}) from None
+        body = await _off_loop(_reply, req, result, ref, height, width, inline=height * width <= INLINE_PIXELS)
+        headers = {"X-Model-Version": ref["version"], "X-Model-Alias": ref["alias"] or ""}
         # already a validated CounterfactualResponse: sending its JSON spares FastAPI a second validation
-        return Response(body, media_type="application/json")
+        return Response(body, media_type="application/json", headers=headers)
 
 
 # ------------------------------------------------------------------------------------- building
-def user_config(cfg: ServeConfig, api_keys: list[str]) -> dict:
+def user_config(cfg: ServeConfig, api_keys: list[str], policy: ServePolicy | None = None) -> dict:
     return {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
             "reload_poll_s": cfg.reload_poll_s, "max_body_bytes": cfg.max_body_bytes,
-            "parallel_min_batch": cfg.parallel_min_batch,
-            "max_interventions": cfg.max_interventions, "api_key_digests": auth.digests(api_keys)}
+            "parallel_min_batch": cfg.parallel_min_batch, "max_ongoing_requests": cfg.max_ongoing_requests,
+            "max_interventions": cfg.max_interventions, "api_key_digests": auth.digests(api_keys),
+            "policy": (policy or ServePolicy()).model_dump()}
 
 
 def _scaling(cfg: ServeConfig) -> dict:
@@ -434,20 +897,28 @@ def _scaling(cfg: ServeConfig) -> dict:
 
 
 def build_app(cfg: ServeConfig, name: str, alias: str | None = None, version: str | None = None,
-              data_root: str | None = None, api_keys: list[str] | None = None):
+              data_root: str | None = None, api_keys: list[str] | None = None, policy: ServePolicy | None = None):
     """The bound Serve application (pass it to `serve.run`)."""
     if (alias is None) == (version is None):
         raise CxrcfError("model: give exactly one of an alias or a version")
     env = {k: os.environ[k] for k in ENV_PASSED if os.environ.get(k)}
     source = ModelSource(name=name, alias=alias, version=version, env=env)
+    policy = policy or ServePolicy()
     actor = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+    config = user_config(cfg, api_keys or [], policy)
+    # The same config goes to the constructor, so keys and limits hold from the replica's first
+    # request: Serve calls reconfigure only after the direct-ingress server has started.
     return serve.deployment(CounterfactualService).options(
         name="CounterfactualService",
         ray_actor_options=actor,
         max_ongoing_requests=cfg.max_ongoing_requests,
-        user_config=user_config(cfg, api_keys or []),
+        # the Serve proxy's queue (its 503s); the replica bounds its own queue for direct clients
+        max_queued_requests=policy.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=policy.retry_after_s),
+        health_check_period_s=policy.health_check_period_s,
+        user_config=config,
         **_scaling(cfg),
-    ).bind(source.model_dump(), str(data_root) if data_root else None)
+    ).bind(source.model_dump(), str(data_root) if data_root else None, config)
 
 
 def wait_ready(url: str, timeout_s: float = 120.0) -> dict:

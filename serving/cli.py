@@ -5,7 +5,10 @@
                 [--max-batch-size B] [--batch-wait-timeout-s S]
 
 Defaults come from params.serve (127.0.0.1:8000, alias champion) and params.registry.generator_name.
-API keys: CXRCF_API_KEYS (comma-separated); required when --host is not a loopback address.
+API keys: CXRCF_API_KEYS (comma-separated); required when --host is not a loopback address, and so
+is Ray's own token auth (RAY_AUTH_MODE=token, the token in ~/.ray/auth_token): Ray's ports listen on
+every interface, and without it a network peer could attach as a driver and bypass the API keys.
+On a loopback host with a local cluster Ray's auth stays off unless RAY_AUTH_MODE says otherwise.
 Uses the Ray cluster of RAY_ADDRESS when set, else starts a local one. With serve.direct_ingress
 (default) each replica also answers on its own port from serve.direct_port (8100) up, skipping
 Serve's proxy: the fast path for heavy clients (serving/ingress.py).
@@ -78,6 +81,22 @@ def check_port_free(host: str, port: int) -> None:
             raise CxrcfError(f"serve.port: cannot bind {host}:{port} ({err.strerror})") from None
 
 
+def ray_auth_mode(host: str, address: str | None, environ) -> str | None:
+    """The RAY_AUTH_MODE `cxrcf serve` sets (None: leave the environment's); CxrcfError when unsafe."""
+    from serving.auth import is_loopback
+
+    explicit = (environ.get("RAY_AUTH_MODE") or "").strip().lower()
+    if not is_loopback(host):
+        if explicit and explicit != "token":
+            raise CxrcfError(f"RAY_AUTH_MODE={explicit} with serve.host {host}: Ray's ports would accept any "
+                             "driver from the network, bypassing the API keys; unset it (cxrcf serve then "
+                             "turns Ray's token auth on) or bind 127.0.0.1")
+        return "token"
+    if explicit or address:
+        return None  # an explicit choice, or a cluster started elsewhere: its own settings decide
+    return "disabled"  # the embedded loopback default (README): nothing but this machine reaches the API
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -91,6 +110,9 @@ def main(argv: list[str]) -> int:
     cfg = serve_config(params, args)
     keys = parse_keys(os.environ.get(ENV_VAR))
     check_host(cfg.host, keys)
+    mode = ray_auth_mode(cfg.host, os.environ.get("RAY_ADDRESS"), os.environ)
+    if mode is not None:
+        os.environ["RAY_AUTH_MODE"] = mode
     if args.data and not os.path.isfile(os.path.join(args.data, "metadata.csv")):
         raise CxrcfError(f"--data {args.data}: no metadata.csv there")
     name = args.model_name or params.registry.generator_name
@@ -126,7 +148,8 @@ def main(argv: list[str]) -> int:
         url = f"http://{cfg.client_host}:{cfg.port}"
         health = wait_ready(url)
         print(f"serve: ready at {url} (model {health['model']} version {health['version']}; docs at {url}/docs; "
-              f"auth {'on' if keys else 'off'}); Ctrl-C stops", file=sys.stderr, flush=True)
+              f"API keys {'on' if keys else 'off'}; Ray token auth {os.environ.get('RAY_AUTH_MODE') or 'default'}); "
+              "Ctrl-C stops", file=sys.stderr, flush=True)
         if cfg.direct_ingress:
             try:
                 direct = ingress.wait_urls(cfg, APP_NAME, timeout_s=30.0)

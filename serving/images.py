@@ -7,7 +7,9 @@ Accepted inputs (everything else is a 422 naming the field):
   image saved in colour: the gray values are kept and alpha is ignored. An RGB image whose
   channels differ is refused rather than silently mixed down, because a colour picture is almost
   certainly not a radiograph.
-Sides must be between MIN_SIDE and MAX_SIDE pixels.
+Sides must be between MIN_SIDE and MAX_SIDE pixels, and width x height at most the caller's pixel
+budget. Both are read from the PNG header (IHDR, the first 33 bytes) before anything is inflated,
+so a decompression bomb or a tiny, highly compressible 4096^2 PNG costs nothing to refuse.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
 
 import numpy as np
 from PIL import Image
@@ -27,33 +30,80 @@ MAX_SIDE = 4096
 PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HEADER_BYTES = 33  # signature, IHDR length and type, then width, height, depth, colour type, ...
+_HEADER_B64 = 44  # base64 characters that hold HEADER_BYTES
+
+
 class ImageError(ValueError):
     """A request image that cannot be used; the message is for the client."""
 
 
-def decode_png(data: str) -> np.ndarray:
-    """Base64 (optionally a `data:image/png;base64,` URL) -> uint8 array (H, W)."""
+class ImageTooLarge(ImageError):
+    """An image over a size budget (the API answers 413)."""
+
+
+def png_size(raw: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, without decoding anything."""
+    if len(raw) < HEADER_BYTES or not raw.startswith(PNG_SIGNATURE) or raw[12:16] != b"IHDR":
+        raise ImageError("not a PNG image (no PNG signature and IHDR header)")
+    width, height = struct.unpack(">II", raw[16:24])
+    return width, height
+
+
+def _b64(data: str) -> str:
     if data.startswith("data:"):
         head, sep, data = data.partition(",")
         if not sep or ";base64" not in head:
             raise ImageError("data URL must be base64 encoded (data:image/png;base64,...)")
+    return data
+
+
+def peek_size(data: str) -> tuple[int, int]:
+    """(width, height) of a base64 PNG from its first characters: cheap enough for the event loop."""
+    head = "".join(_b64(data)[:4 * _HEADER_B64].split())[:_HEADER_B64]
     try:
-        raw = base64.b64decode("".join(data.split()), validate=True)
+        raw = base64.b64decode(head, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageError("not valid base64") from None
+    return png_size(raw)
+
+
+def check_size(width: int, height: int, max_pixels: int) -> None:
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise ImageError(f"{width}x{height} pixels; each side must be {MIN_SIDE}-{MAX_SIDE}")
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels} "
+                            "(serve.max_pixels)")
+
+
+def decode_png(data: str, max_pixels: int = MAX_SIDE * MAX_SIDE) -> np.ndarray:
+    """Base64 (optionally a `data:image/png;base64,` URL) -> uint8 array (H, W)."""
+    try:
+        raw = base64.b64decode("".join(_b64(data).split()), validate=True)
     except (binascii.Error, ValueError):
         raise ImageError("not valid base64") from None
     if not raw:
         raise ImageError("empty image")
+    return decode_png_bytes(raw, max_pixels)
+
+
+def decode_png_bytes(raw: bytes, max_pixels: int = MAX_SIDE * MAX_SIDE) -> np.ndarray:
+    """PNG bytes -> uint8 array (H, W); the size is checked from the header before decoding."""
+    if not raw.startswith(PNG_SIGNATURE):
+        try:
+            with Image.open(io.BytesIO(raw)) as img:
+                fmt = img.format
+        except PIL_ERRORS:
+            fmt = None
+        if fmt is None:
+            raise ImageError("not a readable image (expected a PNG)")
+        raise ImageError(f"{fmt} image; expected a PNG")
+    check_size(*png_size(raw), max_pixels)
     try:
         img = Image.open(io.BytesIO(raw))
-        fmt = img.format
-        width, height = img.size
-    except PIL_ERRORS:
-        raise ImageError("not a readable image (expected a PNG)") from None
-    if fmt != "PNG":
-        raise ImageError(f"{fmt or 'unknown'} image; expected a PNG")
-    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
-        raise ImageError(f"{width}x{height} pixels; each side must be {MIN_SIDE}-{MAX_SIDE}")
-    try:
+        if img.format != "PNG":
+            raise ImageError(f"{img.format or 'unknown'} image; expected a PNG")
         img.load()
     except PIL_ERRORS:
         raise ImageError("truncated or corrupt PNG data") from None
@@ -67,10 +117,12 @@ def _to_gray(img) -> np.ndarray:
     if mode == "1":
         return np.asarray(img.convert("L"), dtype=np.uint8).copy()
     if mode in ("I;16", "I;16B", "I;16L", "I"):
-        wide = np.asarray(img, dtype=np.int64)
-        if wide.min() < 0 or wide.max() > 65535:
+        wide = np.asarray(img)
+        if mode == "I" and (wide.min() < 0 or wide.max() > 65535):
             raise ImageError(f"{mode} pixel values outside 0-65535")
-        return np.round(wide / 257.0).astype(np.uint8)
+        # v / 257 rounded (65535 = 255 x 257, so no value lies exactly halfway) in 32-bit integers:
+        # float64 copies of a 4096^2 image were half a gigabyte
+        return ((wide.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     if mode == "LA":
         return np.asarray(img, dtype=np.uint8)[..., 0].copy()
     if mode in ("P", "PA"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cxrcf.attributes import AGE_MAX, AGE_MIN, ATTRIBUTES, VOCAB
 
@@ -17,6 +17,11 @@ Sex = Literal["male", "female"]
 Race = Literal["white", "asian", "black"]
 Finding = Literal["no_finding", "pleural_effusion"]
 Age = Annotated[float, Field(ge=AGE_MIN, le=AGE_MAX, allow_inf_nan=False, description="years")]
+
+# Hard caps in the schema itself, so that pydantic refuses an absurd request before building it;
+# the run-time limit on interventions (serve.max_interventions) is lower and checked after parsing.
+IMAGE_ID_MAX_CHARS = 128
+INTERVENTIONS_CAP = 64
 
 # the API's value names must be exactly the vocabulary the models were trained with
 assert VOCAB == {"sex": Sex.__args__, "race": Race.__args__, "finding": Finding.__args__}
@@ -59,11 +64,12 @@ class Intervention(_Request):
 
 class CounterfactualRequest(_Request):
     image: str | None = Field(None, description="base64 PNG, 1-channel grayscale (8 or 16 bit), any size")
-    image_id: str | None = Field(None, min_length=1, description="an id of the served dataset's metadata.csv")
+    image_id: str | None = Field(None, min_length=1, max_length=IMAGE_ID_MAX_CHARS,
+                                 description="an id of the served dataset's metadata.csv")
     parents: Parents | None = Field(
         None, description="factual parents; inferred by the evaluation predictor when omitted "
                           "(for image_id: taken from the dataset's labels)")
-    interventions: list[Intervention] = Field(min_length=1)
+    interventions: list[Intervention] = Field(min_length=1, max_length=INTERVENTIONS_CAP)
     t_u: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="pixel-noise temperature")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds the abduction noise of the batch")
 
@@ -74,6 +80,14 @@ class CounterfactualRequest(_Request):
         "t_u": 1.0,
         "seed": 0,
     }]})
+
+    @field_validator("interventions", mode="before")
+    @classmethod
+    def _not_too_many(cls, value):
+        # before item validation: pydantic's max_length is checked only after building every item
+        if isinstance(value, list) and len(value) > INTERVENTIONS_CAP:
+            raise ValueError(f"{len(value)} given; at most {INTERVENTIONS_CAP} per request (the API's hard cap)")
+        return value
 
     @model_validator(mode="after")
     def _one_image(self):
@@ -146,12 +160,43 @@ class ModelInfo(_Response):
     loaded_at: str
     reloads: int
     stats: BatchStats
+    alias_state: AliasState
 
 
 class Health(_Response):
+    """Liveness: the replica process answers (says nothing about the registry)."""
+
     status: Literal["ok"]
     model: str
     version: str
+
+
+class AliasState(_Response):
+    """What the replica knows about the alias it follows."""
+
+    state: Literal["current", "stale", "withdrawn", "pinned"] = Field(
+        description="current: checked within serve stale_after_s; stale: the registry has not answered "
+                    "since; withdrawn: the alias was removed (requests answer 503); pinned: a fixed version")
+    last_check_age_s: float | None = Field(description="seconds since the registry last answered")
+    registry_reachable: bool
+    source: Literal["registry", "last-known-good"] = Field(
+        description="where the served version was loaded from")
+    failed_version: str | None = Field(None, description="a newer version that failed to load")
+    failures: int = 0
+    retry_in_s: float | None = Field(None, description="when that version is tried again (exponential backoff)")
+    last_error: str | None = None
+
+
+class Ready(_Response):
+    """Readiness: whether this replica should be sent counterfactual requests now, and why not."""
+
+    ready: bool
+    reasons: list[str]
+    model: str
+    version: str
+    alias: str | None = None
+    alias_state: AliasState
+    batch_timeouts: int = Field(description="consecutive batches that missed serve batch_timeout_s")
 
 
 class FieldError(_Response):

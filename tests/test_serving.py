@@ -97,22 +97,27 @@ def registered(mlflow_uri, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, registered, tiny_data):
+def server(ray_cluster, registered, tiny_data, tmp_path_factory):
     from ray import serve
 
     from serving.app import APP_NAME, build_app, wait_ready
+    from serving.policy import ServePolicy
 
     url = serve_url(ray_cluster)
+    lkg = tmp_path_factory.mktemp("lkg")
 
-    def deploy(keys=(), **overrides):
+    def deploy(keys=(), policy=None, **overrides):
+        # a replica holds max_ongoing_requests (32) + max_queued_requests (32): the overload test fills them
+        policy = ServePolicy(**{"lkg_dir": str(lkg), "stale_after_s": 30.0, "max_queued_requests": 32,
+                                "max_reply_bytes": 1_000_000, "request_timeout_s": 8.0, **(policy or {})})
         app = build_app(_serve_config(**overrides), MODEL, alias="champion", data_root=str(tiny_data),
-                        api_keys=list(keys))
+                        api_keys=list(keys), policy=policy)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
 
     deploy()
     wait_ready(url)
     with httpx.Client(base_url=url, timeout=60.0) as http:
-        yield {"url": url, "http": http, "deploy": deploy, "data": tiny_data}
+        yield {"url": url, "http": http, "deploy": deploy, "data": tiny_data, "lkg": lkg}
     serve.delete(APP_NAME)
 
 
@@ -132,7 +137,15 @@ def test_health_model_and_docs(server, registered):
     health = http.get("/healthz")
     assert health.status_code == 200
     assert health.json() == {"status": "ok", "model": MODEL, "version": registered["versions"][0]}
-    info = http.get("/v1/model").json()
+    ready = http.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True, ready.text
+    assert ready.json()["alias_state"]["state"] == "current" and ready.json()["alias_state"]["registry_reachable"]
+    reply = http.get("/v1/model")
+    assert reply.headers["x-model-version"] == "1" and reply.headers["x-model-alias"] == "champion"
+    info = reply.json()
+    assert info["alias_state"]["source"] == "registry" and info["alias_state"]["failures"] == 0
+    # the replica keeps a verified local copy of what it serves
+    assert (server["lkg"] / MODEL / "v1" / "manifest.json").is_file()
     assert (info["name"], info["version"], info["alias"], info["mode"]) == (MODEL, "1", "champion", "soft")
     assert info["metrics"]["effectiveness.sex.auc"] == pytest.approx(0.9)
     assert info["resolution"] == 32 and info["device"] == "cpu"
@@ -235,6 +248,11 @@ BAD = [
     ("intervened age out of range", {"interventions": [{"age": -3}]}, 422, "interventions.0.age", "0"),
     ("too many interventions", {"interventions": [{"sex": "female"}] * 5}, 422, "interventions", "at most 4"),
     ("bad t_u", {"t_u": 2}, 422, "t_u", "1"),
+    ("65 interventions", {"interventions": [{"sex": "female"}] * 65}, 422, "interventions", "at most 64"),
+    ("long unicode image_id", {"image_id": "\u00e9\U0001f600" * 5000}, 422, "image_id", "at most 128"),
+    ("large image, many counterfactuals", {"image": _png(np.zeros((600, 600), np.uint8)),
+                                           "interventions": [{"sex": "female"}] * 4},
+     413, "interventions", "serve.max_reply_bytes"),
 ]
 
 
@@ -251,10 +269,31 @@ def test_bad_input_is_a_4xx_naming_the_field(server, name, change, status, field
     assert field in r.json()["detail"]
 
 
+def _flat_png(side: int, mode: str) -> str:
+    buf = io.BytesIO()
+    Image.new(mode, (side, side)).save(buf, format="PNG")  # zeros: a few kilobytes for 16 M pixels
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16"])
+def test_decompression_bombs_are_refused_from_the_header(server, mode):
+    """A flat 4096^2 PNG (8 or 16 bit) is a few KB on the wire; it is refused before it is inflated."""
+    image = _flat_png(4096, mode)
+    assert len(image) < 100_000
+    r = _post(server, {"image": image, "parents": PARENTS, "interventions": [{"sex": "female"}] * 4})
+    assert r.status_code == 413, r.text
+    assert r.json()["errors"][0]["field"] == "image" and "serve.max_pixels" in r.json()["detail"]
+    assert "4096x4096" in r.json()["detail"]
+    assert _post(server, {"image": _png(_image()), "parents": PARENTS, "interventions": [{"age": 30.0}]}).status_code == 200
+
+
 def test_malformed_json_and_oversized_body(server):
     http = server["http"]
     r = http.post("/v1/counterfactuals", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body"
+    not_utf8 = b'{"image": "\xff\xfe", "interventions": [{"sex": "female"}]}'
+    r = http.post("/v1/counterfactuals", content=not_utf8, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422) and r.json()["errors"][0]["field"] == "body", r.text
     big = {"image": "A" * 250_000, "interventions": [{"sex": "female"}]}
     r = http.post("/v1/counterfactuals", json=big)
     assert r.status_code == 413 and "serve.max_body_bytes" in r.json()["detail"]
@@ -304,6 +343,108 @@ def test_gray_rgb_png_is_accepted(server):
     assert r.status_code == 200, r.text
 
 
+def _access_lines(request_id: str) -> list[dict]:
+    import glob
+
+    import ray
+
+    logs = ray._private.worker._global_node.get_session_dir_path() + "/logs/serve/replica_*.log"
+    found = []
+    for path in glob.glob(logs):
+        with open(path, errors="replace") as f:
+            for line in f:
+                start = line.find('{"access"')
+                if start >= 0 and request_id in line:
+                    found.append(json.loads(line[start:].strip()))
+    return found
+
+
+def test_request_id_model_headers_and_access_log(server):
+    http = server["http"]
+    body = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}]}
+    mine = _post(server, body, headers={"X-Request-ID": "trace-42"})
+    assert mine.status_code == 200 and mine.headers["x-request-id"] == "trace-42"
+    assert mine.headers["x-model-version"] == "1" and mine.headers["x-model-alias"] == "champion"
+    assert http.get("/healthz").headers["x-request-id"] != http.get("/healthz").headers["x-request-id"]
+    _wait_for(lambda: _access_lines("trace-42"), "no access-log line for the request")
+    line = _access_lines("trace-42")[0]
+    assert (line["status"], line["path"], line["version"]) == (200, "/v1/counterfactuals", "1")
+    assert line["bytes"] == len(mine.content) and line["ms"] > 0
+
+
+def _stall(url: str, n: int) -> list[socket.socket]:
+    """n requests that announce a body and never send it: each holds a place in the replica."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    held = []
+    for _ in range(n):
+        s = socket.create_connection((host, int(port)), timeout=30)
+        s.sendall(b"POST /v1/counterfactuals HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n{")
+        held.append(s)
+    return held
+
+
+def _status_of(sock: socket.socket) -> int:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ", 2)[1]) if data else 0
+
+
+def test_overload_answers_503_then_the_deadline_504_and_recovers(server):
+    """A full replica refuses more work at once (503 + Retry-After) instead of queueing it without
+    bound; requests that never complete are cut at serve.request_timeout_s (504); then all is normal."""
+    from serving import ingress
+    from serving.app import APP_NAME
+
+    direct = ingress.wait_urls(_serve_config(), APP_NAME)[0]
+    body = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}]}
+    running = _stall(direct, 32)  # max_ongoing_requests
+    queued = _stall(direct, 32)  # max_queued_requests
+    try:
+        def refused():
+            r = httpx.post(direct + "/v1/counterfactuals", json=body, timeout=5)
+            return r if r.status_code == 503 else None
+
+        _wait_for(refused, "a full replica never answered 503", timeout_s=20)
+        assert refused().headers["retry-after"] == "1"
+        for s in queued:  # clients that give up leave the queue
+            s.close()
+        # the 32 that never send their body are cut at serve.request_timeout_s (8 s here)
+        assert [_status_of(s) for s in running] == [504] * 32
+    finally:
+        for s in running + queued:
+            s.close()
+    ok = httpx.post(direct + "/v1/counterfactuals", json=body, timeout=30)
+    assert ok.status_code == 200, ok.text
+
+
+def test_withdrawn_alias_stops_serving_until_it_returns(server, registered):
+    """Policy: deleting the followed alias withdraws the model (503, /readyz 503); it serves again once
+    the alias points to a version."""
+    from pipelines.registry import connect
+
+    http = server["http"]
+    body = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}]}
+    client = connect()
+    client.delete_registered_model_alias(MODEL, "champion")
+    try:
+        _wait_for(lambda: http.get("/readyz").status_code == 503, "readiness never noticed the withdrawal")
+        assert "removed" in http.get("/readyz").json()["reasons"][0]
+        refused = _post(server, body)
+        assert refused.status_code == 503 and "withdrawn" in refused.json()["detail"]
+        info = http.get("/v1/model")
+        assert info.json()["alias_state"]["state"] == "withdrawn" and info.headers["x-model-alias-state"] == "withdrawn"
+        assert http.get("/healthz").status_code == 200  # alive: a restart would not bring the alias back
+    finally:
+        client.set_registered_model_alias(MODEL, "champion", registered["versions"][0])
+    _wait_for(lambda: http.get("/readyz").status_code == 200, "readiness never recovered")
+    assert _post(server, body).status_code == 200
+
+
 # -------------------------------------------------------------------------------------- batching
 def _burst(server, n: int) -> list[httpx.Response]:
     body = {"image": _png(_image(seed=11)), "parents": PARENTS, "interventions": [{"sex": "female"}]}
@@ -341,8 +482,11 @@ def test_keys_and_batch_size_reconfigure(server):
         assert _post(server, body, headers={"X-API-Key": "wrong"}).status_code == 401
         assert _post(server, body, headers={"X-API-Key": "s3cret"}).status_code == 200
         assert _post(server, body, headers={"Authorization": "Bearer other"}).status_code == 200
-        # strangers are refused before their body is looked at
+        # strangers are refused before their body is looked at, malformed or not
         assert _post(server, {"nonsense": 1}).status_code == 401
+        junk = http.post("/v1/counterfactuals", content=b"{not json", headers={"content-type": "application/json"})
+        assert junk.status_code == 401 and junk.json()["errors"][0]["field"] == "X-API-Key"
+        assert http.get("/readyz").status_code == 200
         assert http.get("/healthz").status_code == 200
         keyed = {"X-API-Key": "s3cret"}
         _wait_for(lambda: http.get("/v1/model", headers=keyed).json()["stats"]["max_batch_size"] == 1,
