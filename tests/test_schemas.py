@@ -172,3 +172,28 @@ def test_non_loopback_host_needs_keys():
     auth.check_host("0.0.0.0", ["k"])
     with pytest.raises(CxrcfError, match="serve.host: 0.0.0.0.*CXRCF_API_KEYS"):
         auth.check_host("0.0.0.0", [])
+
+
+def test_sixteen_bit_scaling_rounds_like_v_over_257():
+    values = np.arange(0, 65536, 7, dtype=np.uint16)[:9216].reshape(96, 96)
+    want = np.round(values.astype(np.float64) / 257.0).astype(np.uint8)
+    assert np.array_equal(decode_png(_png(values)), want)
+
+
+def test_size_comes_from_the_header_before_decoding():
+    from serving.images import ImageTooLarge, check_size, peek_size
+
+    flat = _png(np.zeros((300, 200), np.uint8))
+    assert peek_size(flat) == (200, 300) and peek_size("data:image/png;base64," + flat) == (200, 300)
+    with pytest.raises(ImageTooLarge, match="60000 pixels is over the limit of 50000"):
+        decode_png(flat, max_pixels=50_000)
+    with pytest.raises(ImageError, match="each side must be"):
+        check_size(5000, 8, 10**9)
+    with pytest.raises(ImageError, match="not a PNG image"):
+        peek_size(base64.b64encode(b"GIF89a" + bytes(40)).decode())
+
+
+def test_interventions_and_image_id_have_hard_caps():
+    errors = _errors({"image_id": "\u00e9" * 129, "interventions": [{"age": 1.0}] * 600_000})
+    assert ("interventions", "600000 given; at most 64 per request (the API's hard cap)") in errors
+    assert any(field == "image_id" and "at most 128" in message for field, message in errors)
