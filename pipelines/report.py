@@ -372,8 +372,9 @@ def _bars(evals: dict, path: Path) -> None:
     amplification_bars(pairs, modes, path)
 
 
-def write_report(params, eval_dir, out, study_path=None, log_mlflow: bool = True) -> dict:
-    """Write the report folder; returns {"markdown", "html", "headline", "run_id"}."""
+def write_report(params, eval_dir, out, study_path=None, log_mlflow: bool = True, metrics_path=None) -> dict:
+    """Write the report folder (and, with `metrics_path`, the flat headline numbers for
+    `dvc metrics show`); returns {"markdown", "html", "headline", "run_id"}."""
     from cxrcf.fileio import atomic_path
 
     eval_dir, out = Path(eval_dir), Path(out)
@@ -396,6 +397,11 @@ def write_report(params, eval_dir, out, study_path=None, log_mlflow: bool = True
         (tmp / "report.md").write_text(to_markdown(elements))
         (tmp / "report.html").write_text(to_html(elements, tmp))
     print(f"[report] wrote {out / 'report.md'} and {out / 'report.html'} ({', '.join(evals)})", flush=True)
+    if metrics_path:
+        from cxrcf.fileio import write_json
+
+        write_json(Path(metrics_path), {k: (v if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                            and math.isfinite(v) else None) for k, v in headline.items()})
     run_id = _log(params, out, headline) if log_mlflow else None
     return {"markdown": out / "report.md", "html": out / "report.html", "headline": headline, "run_id": run_id}
 
@@ -425,11 +431,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--study", default="artifacts/study",
                         help="study.json or its folder; included when present")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the report to MLflow")
+    parser.add_argument("--metrics", default=None,
+                        help="also write the headline numbers here as flat JSON (for `dvc metrics show`)")
     args = parser.parse_args(argv)
     from cxrcf.config import load_params
 
     t0 = time.perf_counter()
     params = load_params(args.params)
-    write_report(params, args.eval_dir, args.out, args.study, log_mlflow=not args.no_mlflow)
+    write_report(params, args.eval_dir, args.out, args.study, log_mlflow=not args.no_mlflow,
+                 metrics_path=args.metrics)
     print(f"[report] done in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0

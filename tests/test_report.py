@@ -99,7 +99,7 @@ def test_report_markdown_html_and_mlflow_run(eval_dir, study_dir, tmp_path, mlfl
     occlusion = {"rows": [analyse(ev, ev.x.clone(), "identity-generator")]}
     (study_dir / "occlusion.json").write_text(json.dumps(occlusion))
     out = tmp_path / "report"
-    res = write_report(params, eval_dir, out, study_dir)
+    res = write_report(params, eval_dir, out, study_dir, metrics_path=tmp_path / "metrics.json")
     md = (out / "report.md").read_text()
     evals = _evals(eval_dir)
     for heading in ("## Effectiveness", "## Amplification", "## Composition, reversibility and ground truth",
@@ -129,6 +129,10 @@ def test_report_markdown_html_and_mlflow_run(eval_dir, study_dir, tmp_path, mlfl
     run = MlflowClient(mlflow_uri).get_run(res["run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "report"
     assert run.data.metrics["report/hard_amplification_mean"] == pytest.approx(h)
+    # The flat metrics file: one level of numbers (what `dvc metrics show` lists as columns).
+    flat = json.loads((tmp_path / "metrics.json").read_text())
+    assert flat["hard_amplification_mean"] == pytest.approx(h) and "study_verdict_code" in flat
+    assert all(v is None or isinstance(v, (int, float)) for v in flat.values()) and len(flat) < 40
     assert run.data.metrics["report/study_verdict_code"] == VERDICT_CODES[verdict["verdict"]]
     arts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(res["run_id"], "report")}
     assert {"report/report.md", "report/report.html"} <= arts
