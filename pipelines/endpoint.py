@@ -91,9 +91,36 @@ def load(path: str | Path) -> dict:
         raise CxrcfError(f"{path}: unreadable per-image measurements ({err})") from None
 
 
-def reference(params, data_root, scm_dir, predictor_dir, generator_dir, out: str | Path) -> dict:
+EVIDENCE_OF_J = {"finding": "eff_max", "sex": "breast_amp", "race": "texture_amp"}  # j's evidence, in sim units
+
+
+def _evidence(regressor, x, batch: int) -> dict:
+    import torch
+
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            chunks.append({t: v.numpy() for t, v in regressor.predict(x[i:i + batch].float()).items()})
+    return {t: np.concatenate([c[t] for c in chunks]) for t in chunks[0]}
+
+
+def _regressor(regressor_dir):
+    if regressor_dir is None:
+        return None, None
+    from cxrcf.evidence_model import EvidenceRegressor
+    from cxrcf.fileio import read_json
+
+    model = EvidenceRegressor.load(regressor_dir)
+    val = Path(regressor_dir) / "validation.json"
+    passed = read_json(val)["true_counterfactuals"]["passed"] if val.is_file() else None
+    return model, passed
+
+
+def reference(params, data_root, scm_dir, predictor_dir, generator_dir, out: str | Path,
+              regressor_dir=None) -> dict:
     """Measure (or reuse) the generator-independent half of the endpoint, at the resolution of the
-    generator in `generator_dir`; returns its arrays."""
+    generator in `generator_dir`; returns its arrays. With an evidence regressor it also keeps its
+    readings of x and of the true counterfactuals (simulator units)."""
     import torch
 
     from cxrcf.data import load_split, to_model_images
@@ -130,6 +157,11 @@ def reference(params, data_root, scm_dir, predictor_dir, generator_dir, out: str
     for a, v in pa.items():
         arrays[f"parent/{a}"] = v
     probs_x = _predict(predictor, x, cfg.batch_size)
+    regressor, reg_passed = _regressor(regressor_dir)
+    if regressor is not None:
+        arrays["regressor_passed"] = np.asarray(-1 if reg_passed is None else int(reg_passed))
+        for t, v in _evidence(regressor, x, cfg.batch_size).items():
+            arrays[f"ev_x/{t}"] = v
     cols = {k: frame[k].to_numpy() for k in frame.columns}
     strata = ambiguity_strata(counterfactual_attributes(cols, {}), cols)
     for j in SCORED:
@@ -144,6 +176,9 @@ def reference(params, data_root, scm_dir, predictor_dir, generator_dir, out: str
         arrays[f"target/{k}"] = arrays[f"star/{k}/{k}"]
         truth = to_model_images(render_counterfactuals(frame, {k: values}), resolution)
         probs_t = _predict(predictor, truth, cfg.batch_size)
+        if regressor is not None:
+            for t, v in _evidence(regressor, truth, cfg.batch_size).items():
+                arrays[f"ev_true/{k}/{t}"] = v
         arrays[f"true_auc/{k}"] = np.asarray(_auc(probs_t, k, arrays[f"target/{k}"]))
         for j, kk in pairs():
             if kk == k:
@@ -155,8 +190,10 @@ def reference(params, data_root, scm_dir, predictor_dir, generator_dir, out: str
     return arrays
 
 
-def measure(params, ref: dict, data_root, generator_dir, predictor_dir, out: str | Path) -> dict:
-    """Per-image lo_j(x*) of one generator on the reference's images and interventions (or reuse)."""
+def measure(params, ref: dict, data_root, generator_dir, predictor_dir, out: str | Path,
+            regressor_dir=None) -> dict:
+    """Per-image lo_j(x*) of one generator on the reference's images and interventions (or reuse),
+    and with an evidence regressor its readings of x* (simulator units)."""
     import torch
 
     from cxrcf.attributes import context
@@ -187,6 +224,8 @@ def measure(params, ref: dict, data_root, generator_dir, predictor_dir, out: str
     gen = torch.Generator().manual_seed(params.evaluate.seed)
     bs = params.evaluate.batch_size
     chunks = {k: [] for k in INTERVENTIONS}
+    regressor, _ = _regressor(regressor_dir)
+    ev_chunks = {k: [] for k in INTERVENTIONS}
     with torch.no_grad():
         for i in range(0, len(x), bs):
             s = slice(i, i + bs)
@@ -195,10 +234,14 @@ def measure(params, ref: dict, data_root, generator_dir, predictor_dir, out: str
             outs = counterfactuals_shared(hvae, x[s], ctx, ctx_stars, (params.evaluate.t_u,), generator=gen)
             for k, per_t in zip(INTERVENTIONS, outs):
                 chunks[k].append(_predict(predictor, per_t[0], len(per_t[0])))
+                if regressor is not None:
+                    ev_chunks[k].append(_evidence(regressor, per_t[0], len(per_t[0])))
     arrays = {"ids": ref["ids"]}
     for k in INTERVENTIONS:
         probs = {a: np.concatenate([c[a] for c in chunks[k]]) for a in chunks[k][0]}
         arrays[f"auc/{k}"] = np.asarray(_auc(probs, k, ref[f"target/{k}"]))
+        for t in (ev_chunks[k][0] if ev_chunks[k] else {}):
+            arrays[f"ev_star/{k}/{t}"] = np.concatenate([c[t] for c in ev_chunks[k]])
         for j, kk in pairs():
             if kk == k:
                 arrays[f"lo_star/{pair_key(j, k)}"] = _lo(probs, j, ref[f"parent/{j}"])

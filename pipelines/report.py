@@ -336,6 +336,20 @@ def _endpoint_section(an: dict, study_dir: Path | None) -> list:
                      f"soft − none {_f(v.get('soft_minus_none'), signed=True)} ± {_f(v.get('soft_minus_none_stderr'))}, "
                      f"ratio {_f(v.get('ratio'), 2)} (95% interval {_f(ci[0], 2)} to {_f(ci[1], 2)}); "
                      f"true counterfactuals' do(sex) AUC {_f(an.get('true_auc'))}.")))
+    ev = an.get("evidence")
+    if ev:
+        h, so = ev.get("hard_minus_none") or {}, ev.get("soft_minus_none") or {}
+        el.append(("p", (f"In the simulator's units ({ev['evidence']}: {ev['units']}; evidence regressor "
+                         f"{'validated' if ev['validated_on_true_counterfactuals'] else '**not validated**'} on "
+                         f"true counterfactuals): hard − none {_f(h.get('mean'), 4, signed=True)} ± "
+                         f"{_f(h.get('stderr'), 4)}, soft − none {_f(so.get('mean'), 4, signed=True)} ± "
+                         f"{_f(so.get('stderr'), 4)}; against the truth "
+                         + ", ".join(f"{g} {_f(a, 4, signed=True)}" for g, a in ev["vs_truth"].items())
+                         + f". The regressors {'agree' if ev['agree'] else 'do **not** agree'} that soft keeps the "
+                         "evidence.")))
+    else:
+        el.append(("p", ("No evidence regressor was given (`--evidence-regressor`), so the verdict cannot be "
+                        "'reproduced'.")))
     header = ["precondition", "passed", "detail"]
     rows = [[name, "yes" if pc["passed"] else "**no**", str(pc["detail"])]
             for name, pc in v["preconditions"].items()]

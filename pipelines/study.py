@@ -175,6 +175,9 @@ def endpoint_analysis(ref: dict, none_meas: dict, cells: dict, generator_check: 
     empty = {"mean": float("nan"), "stderr": float("nan"), "seeds": 0}
     h = diff(hard_ms, j, k) if hard_ms else empty
     so = diff(soft_ms, j, k, other=hard_ms) if soft_ms else empty
+    evidence = _evidence_analysis(ref, none_meas, gens, hard_ms, soft_ms, j, k, mask_of(j))
+    if regressors_agree is None and evidence is not None:
+        regressors_agree = evidence["agree"]
     decision = V.decide(generator_check, h, so, matched, regressors_agree)
     j2, k2 = V.SECONDARY_PAIR
     h2 = diff(hard_ms, j2, k2) if hard_ms else empty
@@ -187,7 +190,39 @@ def endpoint_analysis(ref: dict, none_meas: dict, cells: dict, generator_check: 
     verdict = {"pair": primary, "stratum": stratum_name, "true_auc": true_auc, "matched": matched,
                **decision, "hard_minus_none_detail": h, "soft_minus_none_detail": so}
     return {"table": rows, "curve": curve, "none_point": none_point, "true_auc": true_auc,
-            "verdict": verdict, "secondary": secondary}
+            "verdict": verdict, "secondary": secondary, "evidence": evidence}
+
+
+def _evidence_analysis(ref, none_meas, gens, hard_ms, soft_ms, j, k, mask) -> dict | None:
+    """The primary pair in the simulator's units, from the evidence regressor's readings (None
+    without one): each generator against the truth, and hard / soft against none, paired per image.
+    The regressors agree when they were validated on true counterfactuals and soft is not below
+    none by more than 2 SE (soft did not erase the evidence)."""
+    import numpy as np
+
+    from pipelines import endpoint as E
+    from pipelines import verdict as V
+
+    t = E.EVIDENCE_OF_J[j]
+    key = f"ev_star/{k}/{t}"
+    if f"ev_true/{k}/{t}" not in ref or key not in none_meas or not all(
+            key in m for ms in gens.values() for m in ms):
+        return None
+    d = ref[f"direction/{k}"]
+    vs_truth = {label: V.endpoint(np.mean([m[key] for m in ms], axis=0), ref[f"ev_true/{k}/{t}"], d, mask)["A"]
+                for label, ms in gens.items()}
+    hard = V.paired_difference([m[key] for m in hard_ms], none_meas[key], d, mask) if hard_ms else None
+    soft = V.paired_difference([m[key] for m in soft_ms], none_meas[key], d, mask) if soft_ms else None
+    validated = int(ref.get("regressor_passed", -1)) == 1
+    agree = bool(validated and soft is not None and soft["mean"] >= -2 * soft["stderr"])
+    return {"evidence": t, "units": _units(t), "vs_truth": vs_truth, "hard_minus_none": hard,
+            "soft_minus_none": soft, "validated_on_true_counterfactuals": validated, "agree": agree}
+
+
+def _units(t: str) -> str:
+    from cxrcf.synth import EVIDENCE_UNITS
+
+    return EVIDENCE_UNITS[t]
 
 
 VERDICT_CODES = {"no verdict": 0, "inconclusive": 1, "refuted": 2, "reproduced": 3}
@@ -249,7 +284,7 @@ def write_outputs(out: Path, study: dict) -> dict:
 
 
 def run_study(params, data_root, generator_dir, guidance_dir, scm_dir, predictor_dir, out,
-              generator_check: bool | None = None, log_mlflow: bool = True) -> dict:
+              generator_check: bool | None = None, log_mlflow: bool = True, regressor_dir=None) -> dict:
     """Train (or reuse) and evaluate every run of the sweep; write study.json, verdict.json,
     metrics.json and the curves. Every finished piece (a model, its eval.json, its endpoint.npz, the
     reference) is kept, so an interrupted study resumes where it stopped."""
@@ -265,8 +300,10 @@ def run_study(params, data_root, generator_dir, guidance_dir, scm_dir, predictor
     none_json = out / "none" / "eval.json"
     if not none_json.is_file():
         evaluate_generator(params, data_root, generator_dir, scm_dir, predictor_dir, "none", none_json)
-    ref = E.reference(params, data_root, scm_dir, predictor_dir, generator_dir, out / "reference.npz")
-    none_meas = E.measure(params, ref, data_root, generator_dir, predictor_dir, out / "none" / "endpoint.npz")
+    ref = E.reference(params, data_root, scm_dir, predictor_dir, generator_dir, out / "reference.npz",
+                      regressor_dir)
+    none_meas = E.measure(params, ref, data_root, generator_dir, predictor_dir, out / "none" / "endpoint.npz",
+                          regressor_dir)
     runs, cells = [], {}
     for i, (mode, slack, seed) in enumerate(todo, 1):
         name = run_name(mode, slack, seed)
@@ -286,7 +323,7 @@ def run_study(params, data_root, generator_dir, guidance_dir, scm_dir, predictor
             elapsed = time.perf_counter() - t0
             print(f"[study] {i}/{len(todo)} {name} finished; {elapsed / 60:.1f} min so far", flush=True)
         cells.setdefault((mode, slack), []).append(
-            E.measure(params, ref, data_root, model_dir, predictor_dir, run_dir / "endpoint.npz"))
+            E.measure(params, ref, data_root, model_dir, predictor_dir, run_dir / "endpoint.npz", regressor_dir))
         runs.append({"mode": mode, "slack": slack, "seed": seed, "name": name,
                      "summary": summarise_eval(_load_json(eval_json))})
     none_eval = _load_json(none_json)
@@ -350,12 +387,17 @@ def main(argv: list[str]) -> int:
                         help="JSON with \"passed\": true/false overriding the generator check that "
                              "`cxrcf evaluate` recorded in none/eval.json (neither: 'no verdict')")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log the study to MLflow")
+    parser.add_argument("--evidence-regressor", default=None,
+                        help="evidence regressor directory (python -m training.evidence); without it the "
+                             "verdict cannot be 'reproduced'")
     args = parser.parse_args(argv)
     from cxrcf.config import load_params
 
     params = load_params(args.params)
     for flag, path in (("--generator", args.generator), ("--guidance", args.guidance), ("--scm", args.scm),
-                       ("--predictor", args.predictor)):
+                       ("--predictor", args.predictor), ("--evidence-regressor", args.evidence_regressor)):
+        if path is None:
+            continue
         if not Path(path).is_dir():
             raise CxrcfError(f"{flag} {path}: model directory does not exist")
     check = None
@@ -368,5 +410,5 @@ def main(argv: list[str]) -> int:
                              "\"passed\"")
         check = found["passed"]
     run_study(params, args.data or params.data.root, args.generator, args.guidance, args.scm, args.predictor,
-              args.out, generator_check=check, log_mlflow=not args.no_mlflow)
+              args.out, generator_check=check, log_mlflow=not args.no_mlflow, regressor_dir=args.evidence_regressor)
     return 0

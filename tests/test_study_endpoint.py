@@ -47,6 +47,48 @@ def models(tiny_data, tmp_path_factory):
     return _export_models(tiny_data, tmp_path_factory.mktemp("endpoint_models"))
 
 
+@pytest.fixture(scope="module")
+def regressor(tiny_data, tmp_path_factory):
+    from training.evidence import train_evidence
+
+    out = tmp_path_factory.mktemp("evidence") / "regressor"
+    train_evidence(tiny_data, out, resolution=16, width=4, steps=40, batch_size=32, validate_images=48)
+    return out
+
+
+def test_evidence_regressor_is_checked_on_true_counterfactuals(regressor, models, tiny_data):
+    import torch
+
+    from cxrcf.data import load_split
+    from cxrcf.evidence_model import EvidenceRegressor
+    from cxrcf.synth import EVIDENCE_OF, load_evidence
+
+    model = EvidenceRegressor.load(regressor)
+    report = json.loads((regressor / "validation.json").read_text())
+    val = report["true_counterfactuals"]
+    from cxrcf.data import split_frame
+
+    assert val["n_images"] == min(48, len(split_frame(tiny_data, "val"))) and isinstance(val["passed"], bool)
+    assert val["passed"] == all(r["passed"] for rows in val["interventions"].values() for r in rows.values())
+    for k in ("sex", "finding", "race"):
+        rows = val["interventions"][f"do({k})"]
+        for t, row in rows.items():
+            if t in EVIDENCE_OF[k]:
+                assert row["role"] == "intervened"
+            else:  # the simulator keeps it exactly; only the regressor's reading can move
+                assert row["role"] == "kept" and row["true_change"] == 0.0
+    assert val["interventions"]["do(sex)"]["breast_amp"]["true_change"] != 0.0
+    # Predictions come back in simulator units: the standardisation is undone with the training stats.
+    x = load_split(tiny_data, "train", 32).x[:8]
+    pred = model.predict(x)
+    assert set(pred) == set(model.targets) and pred["eff_max"].shape == (8,)
+    ev = load_evidence(tiny_data)
+    assert abs(float(model.mean[0]) - ev["eff_max"].mean()) < 0.02
+    assert torch.isfinite(torch.stack(list(pred.values()))).all()
+    with pytest.raises(CxrcfError, match="expected an evidence_regressor"):
+        EvidenceRegressor.load(models["predictor"])
+
+
 PARAMS = preset_params("smoke", evaluate={"max_images": 24, "batch_size": 12, "extra_t_u": (),
                                          "reversibility_images": 4},
                        study={"slacks": (0.02,), "seeds": (0,)})
@@ -92,8 +134,13 @@ def test_reference_and_measure_on_real_models(tiny_data, models, tmp_path):
 
 def test_analysis_picks_matched_points_and_writes_the_verdict_files(tmp_path):
     ref, none, cells = hand_made_measurements()
-    an = S.endpoint_analysis(ref, none, cells, generator_check=True, regressors_agree=True)
+    an = S.endpoint_analysis(ref, none, cells, generator_check=True)
     v = an["verdict"]
+    # In the simulator's units: hard added 3% of lung height of effusion on ambiguous images, soft none.
+    ev = an["evidence"]
+    assert ev["evidence"] == "eff_max" and ev["agree"] and v["regressors_agree"] is True
+    assert ev["hard_minus_none"]["mean"] == pytest.approx(0.03, abs=0.002)
+    assert ev["soft_minus_none"]["mean"] == pytest.approx(0.0, abs=0.002)
     assert (v["matched"]["hard"], v["matched"]["soft"]) == ("hard-slack0.02", "soft-slack0.02")
     assert v["hard_minus_none"] == pytest.approx(0.5, abs=0.05)  # (0.8 + 0.2) / 2 in the ambiguous stratum
     assert v["ratio"] == pytest.approx(0.1, abs=0.05) and v["verdict"] == "reproduced"
@@ -104,6 +151,14 @@ def test_analysis_picks_matched_points_and_writes_the_verdict_files(tmp_path):
     row = next(r for r in an["table"] if r["generator"] == "hard-slack0.02" and r["pair"] == "finding|do(sex)"
                and r["stratum"] == "ambiguous")
     assert row["directions"]["sex=1"] - row["directions"]["sex=0"] == pytest.approx(0.6, abs=0.05)
+    # A soft model that keeps the predictor's log-odds but erases the painted effusion (the regressor
+    # sees 2% of lung height less than no-CFT): the regressors disagree, so no reproduction.
+    ref_e, none_e, cells_e = hand_made_measurements(soft_evidence=-0.02)
+    erased = S.endpoint_analysis(ref_e, none_e, cells_e, generator_check=True)
+    assert not erased["evidence"]["agree"] and erased["verdict"]["verdict"] == "inconclusive"
+    # An unvalidated regressor cannot vouch for soft either.
+    unvalidated = S.endpoint_analysis(dict(ref, regressor_passed=np.asarray(0)), none, cells, generator_check=True)
+    assert unvalidated["verdict"]["verdict"] == "inconclusive"
     # Without the generator check the same numbers give no verdict.
     assert S.endpoint_analysis(ref, none, cells, generator_check=None)["verdict"]["verdict"] == "no verdict"
     study = S.write_outputs(tmp_path, {"none": {"amplification": 0.1, "effectiveness": 0.6, "stderr": 0.01},
@@ -118,7 +173,7 @@ def test_analysis_picks_matched_points_and_writes_the_verdict_files(tmp_path):
     assert (tmp_path / "endpoint_curve.png").stat().st_size > 1000
 
 
-def test_resumed_study_writes_verdict_and_logs_it(tiny_data, models, tmp_path, mlflow_uri):
+def test_resumed_study_writes_verdict_and_logs_it(tiny_data, models, regressor, tmp_path, mlflow_uri):
     """CFT runs already trained (here: copies of the pretrained model) are only evaluated; with one
     seed the verdict is "no verdict" (a first look), and it lands in MLflow."""
     from mlflow.tracking import MlflowClient
@@ -128,7 +183,10 @@ def test_resumed_study_writes_verdict_and_logs_it(tiny_data, models, tmp_path, m
         for seed in PARAMS.study.seeds:
             shutil.copytree(models["generator"], out / "runs" / S.run_name(mode, 0.02, seed) / "model")
     study = S.run_study(PARAMS, tiny_data, models["generator"], None, models["scm"], models["predictor"], out,
-                        generator_check=True)
+                        generator_check=True, regressor_dir=regressor)
+    ev = study["endpoint"]["evidence"]
+    assert ev["evidence"] == "eff_max" and set(ev["vs_truth"]) == {"none", "hard-slack0.02", "soft-slack0.02"}
+    assert ev["hard_minus_none"]["mean"] == pytest.approx(0.0)  # hard is the pretrained model here
     verdict = json.loads((out / "verdict.json").read_text())
     assert verdict["verdict"] == "no verdict" and verdict["first_look"] is True
     assert not verdict["preconditions"]["hard_amplifies"]["passed"]
