@@ -102,7 +102,7 @@ async def _level(url: str, bodies: list[bytes], concurrency: int, total: int) ->
     # and httpx plus per-request JSON encoding cost it several times more CPU per request.
     import aiohttp
 
-    latencies, sizes, errors = [], [], []
+    latencies, sizes, errors, statuses = [], [], [], {}
     counter = iter(range(total))
     headers = {"Content-Type": "application/json"}
 
@@ -112,6 +112,7 @@ async def _level(url: str, bodies: list[bytes], concurrency: int, total: int) ->
             async with http.post(url + "/v1/counterfactuals", data=bodies[i % len(bodies)], headers=headers) as r:
                 raw = await r.read()
             latencies.append(time.perf_counter() - start)
+            statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
             if r.status == 200:
                 sizes.append(json.loads(raw)["model"]["batch_size"])
             else:
@@ -124,6 +125,7 @@ async def _level(url: str, bodies: list[bytes], concurrency: int, total: int) ->
         wall = time.perf_counter() - start
     lat = np.array(latencies) * 1000
     return {"concurrency": concurrency, "requests": total, "errors": len(errors), "first_errors": errors[:3],
+            "statuses": statuses,
             "wall_s": round(wall, 3), "throughput_rps": round(total / wall, 2),
             "latency_ms": {q: round(float(np.percentile(lat, p)), 1) for q, p in
                            (("p50", 50), ("p95", 95), ("p99", 99))} | {"mean": round(float(lat.mean()), 1)},
@@ -164,6 +166,7 @@ def main(argv=None) -> int:
 
     from serving import ingress
     from serving.app import APP_NAME, build_app, wait_ready
+    from serving.policy import ServePolicy
 
     base = params.serve.model_dump()
     base.update({k: v for k, v in {"num_cpus": args.num_cpus, "parallel_min_batch": args.parallel_min_batch}.items()
@@ -183,7 +186,10 @@ def main(argv=None) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for batching in (True, False):
             cfg = ServeConfig.model_validate({**base, **({} if batching else {"max_batch_size": 1})})
-            serve.run(build_app(cfg, name, alias="champion"), name=APP_NAME, route_prefix="/", blocking=False)
+            # every protection at its default (serving/policy.py); only the local copy goes to the temp dir
+            policy = ServePolicy(lkg_dir=str(tmp / "lkg"))
+            serve.run(build_app(cfg, name, alias="champion", policy=policy), name=APP_NAME, route_prefix="/",
+                      blocking=False)
             health = wait_ready(proxy_url)
             url = _direct_url(cfg) if args.via == "direct" else proxy_url
             info = json.loads(__import__("httpx").get(url + "/v1/model").text)

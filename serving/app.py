@@ -14,14 +14,21 @@
 - A batch of at least `parallel_min_batch` requests runs on as many torch threads as the replica
   has CPUs; smaller ones on one, which batch-1 serving is fastest with. Replicas (fixed or autoscaled) and
   `num_gpus` per replica scale the whole service; on GPU the pass runs under bf16 autocast.
-- Run-time settings live in the deployment's user_config and are applied by `reconfigure`:
-  max_batch_size, batch_wait_timeout_s, reload_poll_s, body and intervention limits, and the
-  SHA-256 digests of the API keys. Serve applies a user_config change in place for config-file
-  deployments (`serve deploy`); a `serve.run` redeploy (what `cxrcf serve` and the tests do)
-  counts as new code in Ray 2.60 and rolls the replicas, which then reconfigure as they start.
+- Run-time settings live in the deployment's user_config: max_batch_size, batch_wait_timeout_s,
+  reload_poll_s, body and intervention limits, the SHA-256 digests of the API keys and the
+  protections of serving/policy.py. The same dict goes to the constructor, so a replica never
+  answers before its keys and limits are in force (fail closed), and `reconfigure` applies later
+  changes. Serve applies a user_config change in place for config-file deployments (`serve
+  deploy`); a `serve.run` redeploy (what `cxrcf serve` and the tests do) counts as new code in Ray
+  2.60 and rolls the replicas.
+- In front of the routes, `Guard` (plain ASGI) checks the key before the body is read, bounds the
+  body, puts the request under its deadline, counts it in the metrics and writes its access-log
+  line. Budgets on pixels and reply size are checked from the PNG header before any decoding.
 - Hot reload: a replica thread polls the alias every `reload_poll_s`; when it moves, the new version
   is loaded beside the old one and swapped in with one assignment. A batch holds the state it
-  started with, so in-flight requests finish on the old version and none is dropped.
+  started with, so in-flight requests finish on the old version and none is dropped. Registry
+  faults (unreachable, a version that fails to load, a deleted alias) follow the policy in
+  serving/policy.py; every served version is kept as a verified local copy to start from.
 """
 
 # No `from __future__ import annotations`: Serve rebuilds the route methods of the ingress class

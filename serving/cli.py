@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=float, help="GPUs per model replica (default params.serve.num_gpus)")
     p.add_argument("--max-batch-size", type=int, help="default params.serve.max_batch_size")
     p.add_argument("--batch-wait-timeout-s", type=float, help="default params.serve.batch_wait_timeout_s")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus endpoint of the local Ray cluster's metrics (Serve's and cxrcf_*); "
+                        "default: a port Ray picks")
     return p
 
 
@@ -138,7 +141,8 @@ def main(argv: list[str]) -> int:
 
     from serving.app import APP_NAME, build_app, wait_ready
 
-    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    extra = {"_metrics_export_port": args.metrics_port} if args.metrics_port and not address else {}
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, **extra)
     # service managers stop with SIGTERM (and a backgrounded shell job ignores SIGINT): stop cleanly
     signal.signal(signal.SIGTERM, _interrupt)
     try:
