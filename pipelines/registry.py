@@ -13,13 +13,13 @@ Top-level imports stay light (the CLI imports this module); torch and MLflow loa
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import re
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -28,6 +28,7 @@ from typing import Any
 
 from cxrcf.errors import CxrcfError
 from cxrcf.fileio import read_json
+from pipelines.registry_ledger import RegistryState, server_lock
 from training.common import read_run_id
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous-champion"
@@ -173,33 +174,64 @@ class Gate:
     op: str  # ">=" or "<=": what the value must satisfy against the limit
     limit: float
     value: float | None
+    verdict: bool | None = None  # MLflow's own verdict, for the gates its validation API can judge
 
     @property
     def passed(self) -> bool:
         if self.value is None or not math.isfinite(self.value):
             return False
+        if self.verdict is not None:
+            return self.verdict
         return self.value >= self.limit if self.op == ">=" else self.value <= self.limit
 
     def describe(self) -> str:
         shown = "missing" if self.value is None else f"{self.value:.4g}"
         return f"{'pass' if self.passed else 'FAIL'}: {self.metric} = {shown}, must be {self.op} {self.limit:.4g}"
 
+    def to_json(self) -> dict:
+        return {"name": self.name, "metric": self.metric, "op": self.op, "limit": self.limit,
+                "value": self.value, "passed": self.passed, "judge": "mlflow" if self.verdict is not None else "cxrcf"}
+
 
 AUC_ATTRIBUTES = ("sex", "race", "finding")
 
 
-def check_gates(metrics: Mapping[str, float], gates, champion: Mapping[str, float] | None = None) -> list[Gate]:
-    """The promotion gates of `params.registry.gates` for a candidate's metrics (pure).
+def _mlflow_threshold(metric: str, op: str, limit: float, value: float | None) -> bool:
+    """MLflow's `validate_evaluation_results` verdict for one absolute threshold.
 
-    Regression gates compare against the current champion's recorded metrics, within
-    `regression_tolerance`; a metric the champion never recorded cannot regress and is skipped.
+    Regression against the champion stays with cxrcf: `MetricThreshold.min_absolute_change` must be
+    positive (the candidate must *beat* the baseline by it), whereas the gate allows a candidate to be
+    worse by at most `regression_tolerance`.
     """
-    out = [Gate(f"min_auc.{a}", f"effectiveness.{a}.auc", ">=", floor, metrics.get(f"effectiveness.{a}.auc"))
-           for a, floor in sorted(gates.min_auc.items())]
-    out.append(Gate("max_age_mae", "effectiveness.age.mae", "<=", gates.max_age_mae,
-                    metrics.get("effectiveness.age.mae")))
-    out.append(Gate("max_amplification", "amplification.worst", "<=", gates.max_amplification,
-                    metrics.get("amplification.worst")))
+    import mlflow
+    from mlflow.models import MetricThreshold
+    from mlflow.models.evaluation import EvaluationResult
+    from mlflow.models.evaluation.validation import ModelValidationFailedException
+
+    # It logs every verdict at INFO through MLflow's own handler; the gate table already reports them.
+    logging.getLogger("mlflow.models.evaluation.validation").setLevel(logging.WARNING)
+    candidate = EvaluationResult(metrics={} if value is None else {metric: value}, artifacts={})
+    try:
+        mlflow.validate_evaluation_results(
+            {metric: MetricThreshold(threshold=limit, greater_is_better=op == ">=")}, candidate)
+    except ModelValidationFailedException:
+        return False
+    return True
+
+
+def check_gates(metrics: Mapping[str, float], gates, champion: Mapping[str, float] | None = None) -> list[Gate]:
+    """The promotion gates of `params.registry.gates` for a candidate's metrics.
+
+    Absolute floors and ceilings are judged by MLflow's `validate_evaluation_results`; regression
+    gates compare against the current champion's metrics within `regression_tolerance` (cxrcf's own
+    layer); a metric the champion never recorded cannot regress and is skipped.
+    """
+    plain = [(f"min_auc.{a}", f"effectiveness.{a}.auc", ">=", floor) for a, floor in sorted(gates.min_auc.items())]
+    plain.append(("max_age_mae", "effectiveness.age.mae", "<=", gates.max_age_mae))
+    plain.append(("max_amplification", "amplification.worst", "<=", gates.max_amplification))
+    out = [Gate(name, metric, op, limit, metrics.get(metric),
+                _mlflow_threshold(metric, op, limit, metrics.get(metric)))
+           for name, metric, op, limit in plain]
     if champion is not None:
         tol = gates.regression_tolerance
         for a in AUC_ATTRIBUTES:
@@ -220,6 +252,35 @@ def gates_reason(results: list[Gate], champion_version: str | None) -> str:
     return "; ".join(f"{g.name} {g.describe()[6:]}" for g in failed) + against
 
 
+def run_metrics(client, version) -> tuple[dict[str, float], list[str]]:
+    """(the evaluation metrics logged to the version's run, disagreements with its `eval.*` tags).
+
+    The run's metrics are what `register` logged from the evaluation JSON; tags can be edited by
+    anyone with write access, so a tag that differs from the run, or names a metric the run never
+    logged, is a disagreement that refuses promotion.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not version.run_id:
+        return {}, [f"version {version.version} has no source run: its evaluation metrics cannot be checked"]
+    try:
+        logged = dict(client.get_run(version.run_id).data.metrics)
+    except MlflowException as err:
+        return {}, [(f"run {version.run_id} of version {version.version} cannot be read "
+                    f"({str(err).splitlines()[0][:200]})")]
+    if not logged:
+        return {}, [f"run {version.run_id} of version {version.version} logged no evaluation metrics"]
+    problems = []
+    for key, tagged in sorted(version_metrics(version).items()):
+        have = logged.get(key)
+        if have is None:
+            problems.append(f"tag {EVAL_PREFIX}{key} = {tagged:.6g} but run {version.run_id} logged no {key}")
+        elif not math.isclose(have, tagged, rel_tol=1e-9, abs_tol=1e-12):
+            problems.append(f"tag {EVAL_PREFIX}{key} = {tagged:.6g} disagrees with run {version.run_id}'s "
+                            f"logged {key} = {have:.6g}")
+    return logged, problems
+
+
 # ------------------------------------------------------------------------------------------ locks
 def _sqlite_path(uri: str) -> Path | None:
     if uri.startswith("sqlite:///"):
@@ -231,34 +292,56 @@ def _waiting(name: str, where: str) -> None:
     print(f"registry: waiting for the promotion lock on {name!r} ({where})", file=sys.stderr, flush=True)
 
 
+def _seconds_env(key: str, default: float) -> float:
+    raw = os.environ.get(key, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise CxrcfError(f"{key}={raw!r}: expected seconds (a number)") from None
+    if not value > 0:
+        raise CxrcfError(f"{key}={raw!r}: must be positive")
+    return value
+
+
+def lock_stale_s() -> float:
+    return _seconds_env("CXRCF_REGISTRY_LOCK_STALE_S", SERVER_LOCK_STALE_S)
+
+
+def lock_wait_s() -> float:
+    return _seconds_env("CXRCF_REGISTRY_LOCK_WAIT_S", LOCK_WAIT_S)
+
+
 @contextlib.contextmanager
-def promotion_lock(name: str, client=None, timeout_s: float = LOCK_WAIT_S,
-                   stale_s: float = SERVER_LOCK_STALE_S) -> Iterator[None]:
-    """Serialise promotions and rollbacks of one registry.
+def promotion_lock(name: str, client=None, timeout_s: float | None = None,
+                   stale_s: float | None = None) -> Iterator[dict]:
+    """Serialise every alias move of one registered model (register, promote, rollback, repair).
 
     A SQLite store is a local file, so an OS file lock beside it serialises every process on the
-    machine and is released by the kernel even when its holder dies. A server store is shared by
-    machines, so the lock is a registered model `<name>.promotion-lock`: creating a registered model
-    is atomic on the server (unique name), so exactly one process holds it; a lock left by a dead
-    process is broken once it is older than `stale_s`.
+    machine and is released by the kernel even when its holder dies. Any other store is shared by
+    machines, so the lock lives in the store (`registry_ledger.server_lock`: owner tokens, epochs
+    taken and ended by compare-and-set, heartbeats stamped by the server, bounded retries).
+    Yields {waited_s, epoch, token, check}: `check()` raises when the lock was lost (a fence before writes).
     """
     client = client or connect()
+    timeout_s = lock_wait_s() if timeout_s is None else timeout_s
     db = _sqlite_path(client.tracking_uri)
     if db is not None:
-        with _file_lock(db.with_name(f".{db.name}.promotion.lock"), name, timeout_s):
-            yield
+        with _file_lock(db.with_name(f".{db.name}.promotion.lock"), name, timeout_s) as held:
+            yield held
     else:
-        with _server_lock(client, name, timeout_s, stale_s):
-            yield
+        with server_lock(client, name, timeout_s, lock_stale_s() if stale_s is None else stale_s,
+                         on_wait=lambda where: _waiting(name, where)) as held:
+            yield held
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path, name: str, timeout_s: float) -> Iterator[None]:
+def _file_lock(path: Path, name: str, timeout_s: float) -> Iterator[dict]:
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
     with open(path, "a+") as handle:
-        deadline = time.monotonic() + timeout_s
+        deadline = started + timeout_s
         told = False
         while True:
             try:
@@ -272,56 +355,146 @@ def _file_lock(path: Path, name: str, timeout_s: float) -> Iterator[None]:
                     raise CxrcfError(f"{path}: promotion lock still held after {timeout_s:.0f} s") from None
                 time.sleep(0.05)
         try:
-            yield
+            # The kernel never takes a flock from a live holder: nothing to fence.
+            yield {"waited_s": time.monotonic() - started, "epoch": None, "token": f"flock:{os.getpid()}",
+                   "check": lambda: None}
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-@contextlib.contextmanager
-def _server_lock(client, name: str, timeout_s: float, stale_s: float) -> Iterator[None]:
-    from mlflow.exceptions import MlflowException
-
-    lock_name = f"{name}.promotion-lock"
-    token = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    deadline = time.monotonic() + timeout_s
-    told = False
-    while True:
-        try:
-            client.create_registered_model(lock_name, tags={"cxrcf.lock": token},
-                                           description="held by a running cxrcf registry promote/rollback")
-            break
-        except MlflowException as err:
-            if "RESOURCE_ALREADY_EXISTS" not in _error_code(err) and "already exists" not in str(err):
-                raise
-        try:
-            held = client.get_registered_model(lock_name)
-            age_s = time.time() - held.creation_timestamp / 1000.0
-            if age_s > stale_s:
-                print(f"registry: breaking a stale promotion lock on {name!r} ({age_s:.0f} s old, "
-                      f"holder {held.tags.get('cxrcf.lock', '?')})", file=sys.stderr, flush=True)
-                client.delete_registered_model(lock_name)
-                continue
-        except MlflowException:
-            continue  # released between our create and our look: try again at once
-        if not told:
-            _waiting(name, f"{client.tracking_uri} model {lock_name}")
-            told = True
-        if time.monotonic() > deadline:
-            raise CxrcfError(f"model {lock_name!r}: promotion lock still held after {timeout_s:.0f} s "
-                             f"(delete it if its holder is dead)")
-        time.sleep(0.2)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(MlflowException):
-            client.delete_registered_model(lock_name)
-
-
-# -------------------------------------------------------------------------------------- promotion
+# ------------------------------------------------------------------------- ledger and transactions
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+def ledger(name: str, client=None) -> RegistryState:
+    return RegistryState(client or connect(), name)
+
+
+def _set_aliases(client, name: str, moves: Mapping[str, str | None]) -> None:
+    from mlflow.exceptions import MlflowException
+
+    for alias, version in moves.items():
+        if version:
+            client.set_registered_model_alias(name, alias, str(version))
+        else:
+            try:
+                client.delete_registered_model_alias(name, alias)
+            except MlflowException as err:
+                if not _missing_error(err):
+                    raise
+
+
+def _missing_error(err) -> bool:
+    return "RESOURCE_DOES_NOT_EXIST" in _error_code(err) or "not found" in str(err).lower()
+
+
+def _finish(client, name: str, intent: dict, check) -> None:
+    """Apply an intent's alias moves and version tags (idempotent: a repair runs it again)."""
+    check()
+    _set_aliases(client, name, intent["moves"])
+    after = _aliases(client, name)
+    wrong = {a: after.get(a) for a, v in intent["moves"].items() if after.get(a) != (str(v) if v else None)}
+    if wrong:
+        raise CxrcfError(f"model {name!r}: aliases {wrong} differ from what intent #{intent['seq']} just set; "
+                         f"another writer bypassed the promotion lock")
+    check()
+    for version, tags in intent.get("tags", {}).items():
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+
+
+def _transact(client, state: RegistryState, entry: dict, check) -> dict:
+    """Intent -> alias moves -> version tags -> completion; a crash leaves an intent for `repair`."""
+    check()
+    intent = state.append({"type": "intent", **entry})
+    _finish(client, state.name, intent, check)
+    check()
+    state.append({"type": "complete", "op": intent["seq"], "action": intent["action"]})
+    return intent
+
+
+def pending(entries: list[dict]) -> list[dict]:
+    done = {e["op"] for e in entries if e["type"] in ("complete", "abort")}
+    return [e for e in entries if e["type"] == "intent" and e["seq"] not in done]
+
+
+def repair(client, state: RegistryState, check) -> list[dict]:
+    """Complete every intent that a crashed command left without a completion (call under the lock).
+
+    Rolling forward is always right here: an intent is written only after its gates passed and
+    records the exact aliases and tags it sets, so finishing it is what the crashed command would
+    have done.
+    """
+    done = []
+    for intent in pending(state.entries()):
+        print(f"registry: completing the interrupted {intent['action']} of {state.name!r} "
+              f"(ledger #{intent['seq']} by {intent['by']} at {intent['at']})", file=sys.stderr, flush=True)
+        _finish(client, state.name, intent, check)
+        check()
+        state.append({"type": "complete", "op": intent["seq"], "action": intent["action"], "repaired": True})
+        done.append(intent)
+    return done
+
+
+def repair_model(name: str, client=None) -> list[dict]:
+    """`repair` under the promotion lock, for the `cxrcf registry repair` command."""
+    client = client or connect()
+    _registered_model(client, name)
+    with promotion_lock(name, client) as held:
+        return repair(client, ledger(name, client), held["check"])
+
+
+def champion_stack(entries: list[dict]) -> list[str]:
+    """The champions that rollback walks back through, oldest first, as the ledger says.
+
+    A promotion pushes its version; a rollback to version V pops back to V's most recent place, so
+    repeated rollbacks walk back one promotion each and a rollback is never rolled back into.
+    """
+    done = {e["op"] for e in entries if e["type"] == "complete"}
+    stack: list[str] = []
+    for e in entries:
+        if e["type"] != "intent" or e["seq"] not in done:
+            continue
+        if e["action"] == "promote":
+            stack.append(e["version"])
+        elif e["action"] == "rollback":
+            target = e["version"]
+            if target in stack:
+                del stack[len(stack) - stack[::-1].index(target):]
+            else:
+                stack = [target]
+    return stack
+
+
+def _gate_cell(gate: dict) -> str:
+    value = "missing" if gate["value"] is None else f"{gate['value']:.4g}"
+    return f"{gate['name']}={value}{'' if gate['passed'] else ' FAIL'}"
+
+
+def history(name: str, client=None) -> list[dict]:
+    """One row per alias move or refusal, oldest first, from the ledger (status: done/PENDING/aborted)."""
+    client = client or connect()
+    _registered_model(client, name)
+    entries = ledger(name, client).entries()
+    closing = {e["op"]: e for e in entries if e["type"] in ("complete", "abort")}
+    rows = []
+    for e in entries:
+        if e["type"] not in ("intent", "refused"):
+            continue
+        end = closing.get(e["seq"])
+        status = "refused" if e["type"] == "refused" else (
+            "PENDING" if end is None else "aborted" if end["type"] == "abort"
+            else "repaired" if end.get("repaired") else "done")
+        moves = ", ".join(f"{a}: {e.get('from', {}).get(a) or '-'} -> {v or '-'}" for a, v in e.get("moves", {}).items())
+        gates = "; ".join(_gate_cell(g) for g in e.get("gates", []))
+        rows.append({"seq": e["seq"], "at": e["at"], "by": e["by"], "action": e["action"],
+                     "version": e.get("version"), "moves": moves or "-", "decision": e.get("decision", ""),
+                     "status": status, "gates": gates, "reason": e.get("reason", "")})
+    return rows
+
+
+# -------------------------------------------------------------------------------------- promotion
 @dataclass
 class Decision:
     name: str
@@ -333,6 +506,8 @@ class Decision:
     checked_at: str
     waited_s: float
     gates: list[dict]
+    ledger_seq: int | None = None
+    repaired: list[int] | None = None  # intents of crashed commands this one completed first
 
     @property
     def ok(self) -> bool:
@@ -342,27 +517,54 @@ class Decision:
         return asdict(self)
 
 
-def promote(params, name: str | None = None, version: str | None = None, client=None) -> Decision:
-    """Move `champion` to `version` (default: the `candidate`) if the gates pass; record either way."""
+def read_registered(path) -> dict:
+    """{name, version, run_id} from the register stage's `--out` file, checked field by field."""
+    data = read_json(Path(path))
+    if not isinstance(data, dict):
+        raise CxrcfError(f"{path}: expected the JSON object written by `cxrcf registry register --out`")
+    for key in ("name", "version", "run_id"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise CxrcfError(f"{path}: field {key!r} is missing or not a string (written by `cxrcf registry register`?)")
+    if not data["version"].isdigit():
+        raise CxrcfError(f"{path}: field 'version' = {data['version']!r} is not a version number")
+    return data
+
+
+def promote(params, name: str | None = None, version: str | None = None, client=None,
+            expect_run_id: str | None = None) -> Decision:
+    """Move `champion` to `version` (default: the `candidate`) if the gates pass; record either way.
+
+    `expect_run_id` pins the promotion to one registration (the register stage's output): a version
+    number that now belongs to another run is refused rather than promoted.
+    """
     client = client or connect()
     name = name or params.registry.generator_name
-    asked = time.monotonic()
-    with promotion_lock(name, client):
-        waited = time.monotonic() - asked
+    _registered_model(client, name)
+    state = ledger(name, client)
+    with promotion_lock(name, client) as held:
+        waited = held["waited_s"]
+        repaired = [i["seq"] for i in repair(client, state, held["check"])]
         aliases = _aliases(client, name)
         if version is None:
             version = resolve_alias(name, CANDIDATE, client)
         target = _model_version(client, name, str(version))
         version = str(target.version)
+        if expect_run_id is not None and target.run_id != expect_run_id:
+            raise CxrcfError(f"model {name!r} version {version} comes from run {target.run_id}, not from the "
+                             f"registration run {expect_run_id} named by the register stage's output")
         champion = aliases.get(CHAMPION)
+        previous = aliases.get(PREVIOUS)
         checked_at = _now()
         if champion == version:
             return Decision(name, version, "unchanged", f"version {version} is already champion", champion,
-                            aliases.get(PREVIOUS), checked_at, waited, [])
-        champion_metrics = version_metrics(_model_version(client, name, champion)) if champion else None
-        results = check_gates(version_metrics(target), params.registry.gates, champion_metrics)
-        passed = all(g.passed for g in results)
-        reason = gates_reason(results, champion)
+                            previous, checked_at, waited, [], None, repaired)
+        metrics, problems = run_metrics(client, target)
+        champion_metrics = run_metrics(client, _model_version(client, name, champion))[0] if champion else None
+        results = check_gates(metrics, params.registry.gates, champion_metrics)
+        passed = all(g.passed for g in results) and not problems
+        reason = "; ".join(problems) if problems else gates_reason(results, champion)
+        if problems and champion:
+            reason += f" (vs champion version {champion})"
         tags = {
             "promotion.decision": "promoted" if passed else "refused",
             "promotion.reason": reason[:7900],
@@ -371,57 +573,75 @@ def promote(params, name: str | None = None, version: str | None = None, client=
             "promotion.waited_s": f"{waited:.3f}",
         }
         tags.update({f"promotion.gate.{g.name}": g.describe() for g in results})
-        previous = aliases.get(PREVIOUS)
+        gate_rows = [g.to_json() for g in results]
+        entry = {"action": "promote", "version": version, "decision": tags["promotion.decision"],
+                 "reason": reason[:1500], "gates": gate_rows, "run_id": target.run_id}
         if passed:
-            # The version remembers whom it replaced: rollback walks this chain back.
+            # The version remembers whom it replaced, so a registry read without the ledger still explains it.
             tags["promotion.previous_champion"] = champion or ""
-            if champion:
-                client.set_registered_model_alias(name, PREVIOUS, champion)
-                previous = champion
-            client.set_registered_model_alias(name, CHAMPION, version)
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, value)
+            moves = {PREVIOUS: champion, CHAMPION: version} if champion else {CHAMPION: version}
+            intent = _transact(client, state, {**entry, "moves": moves,
+                                               "from": {PREVIOUS: previous, CHAMPION: champion},
+                                               "tags": {version: tags}}, held["check"])
+            previous = champion or previous
+        else:
+            held["check"]()
+            intent = state.append({"type": "refused", **entry, "from": {CHAMPION: champion}})
+            for key, value in tags.items():
+                client.set_model_version_tag(name, version, key, value)
         after = _aliases(client, name)
-        if passed and after.get(CHAMPION) != version:
-            raise CxrcfError(f"model {name!r}: champion changed to version {after.get(CHAMPION)} while "
-                             f"promoting version {version}; another writer bypassed the promotion lock")
-        return Decision(name, version, tags["promotion.decision"], reason, after.get(CHAMPION), previous,
-                        checked_at, waited, [asdict(g) | {"passed": g.passed} for g in results])
+        return Decision(name, version, tags["promotion.decision"], reason, after.get(CHAMPION),
+                        after.get(PREVIOUS) if passed else previous, checked_at, waited,
+                        gate_rows, intent["seq"], repaired)
 
 
-def rollback(params, name: str | None = None, client=None) -> dict:
-    """champion <- previous-champion; previous-champion <- the restored version's own predecessor."""
+def rollback(params, name: str | None = None, client=None, to: str | None = None) -> dict:
+    """champion <- the champion before it (or `to`, an earlier champion), as the ledger records them.
+
+    previous-champion then points at the champion before the restored one, so repeated rollbacks
+    walk back one promotion each.
+    """
     client = client or connect()
     name = name or params.registry.generator_name
-    with promotion_lock(name, client):
+    _registered_model(client, name)
+    state = ledger(name, client)
+    with promotion_lock(name, client) as held:
+        repaired = [i["seq"] for i in repair(client, state, held["check"])]
         aliases = _aliases(client, name)
         demoted = aliases.get(CHAMPION)
-        restored = aliases.get(PREVIOUS)
-        if not restored:
-            raise CxrcfError(f"model {name!r}: no {PREVIOUS!r} alias to roll back to")
-        restored_mv = _model_version(client, name, restored)
-        before = (restored_mv.tags or {}).get("promotion.previous_champion", "")
-        if before in ("", restored, demoted) or before not in _version_numbers(client, name):
-            before = ""
-        client.set_registered_model_alias(name, CHAMPION, restored)
-        if before:
-            client.set_registered_model_alias(name, PREVIOUS, before)
-            client.set_model_version_tag(name, restored, "promotion.previous_champion", before)
+        stack = champion_stack(state.entries())
+        if not stack or stack[-1] != demoted:
+            # Aliases moved outside cxrcf (or before the ledger existed): only the aliases are known.
+            stack = [v for v in (aliases.get(PREVIOUS), demoted) if v]
+        if to is None:
+            if len(stack) < 2:
+                raise CxrcfError(f"model {name!r}: no {PREVIOUS!r} alias to roll back to")
+            restored = stack[-2]
+            stack = stack[:-1]
         else:
-            client.delete_registered_model_alias(name, PREVIOUS)
-            client.set_model_version_tag(name, restored, "promotion.previous_champion", "")
+            restored = str(to)
+            _model_version(client, name, restored)
+            if restored == demoted:
+                raise CxrcfError(f"model {name!r}: version {restored} is already champion")
+            if restored not in stack[:-1]:
+                earlier = ", ".join(stack[:-1]) or "none"
+                raise CxrcfError(f"model {name!r}: version {restored} is not an earlier champion on the "
+                                 f"rollback chain (earlier champions: {earlier})")
+            stack = stack[:len(stack) - stack[::-1].index(restored)]
+        before = stack[-2] if len(stack) >= 2 else None
         at = _now()
-        client.set_model_version_tag(name, restored, "rollback.restored_at", at)
-        client.set_model_version_tag(name, restored, "rollback.replaced_version", demoted or "")
+        tags = {restored: {"promotion.previous_champion": before or "", "rollback.restored_at": at,
+                           "rollback.replaced_version": demoted or ""}}
         if demoted:
-            client.set_model_version_tag(name, demoted, "rollback.demoted_at", at)
-            client.set_model_version_tag(name, demoted, "rollback.replaced_by", restored)
+            tags[demoted] = {"rollback.demoted_at": at, "rollback.replaced_by": restored}
+        intent = _transact(client, state, {
+            "action": "rollback", "version": restored, "decision": "rolled back",
+            "reason": f"rollback to version {restored}" + (" (explicit --to)" if to else ""),
+            "moves": {CHAMPION: restored, PREVIOUS: before},
+            "from": {CHAMPION: demoted, PREVIOUS: aliases.get(PREVIOUS)}, "tags": tags}, held["check"])
         return {"name": name, "champion_version": restored, "demoted_version": demoted,
-                "previous_champion": before or None, "rolled_back_at": at}
-
-
-def _version_numbers(client, name: str) -> set[str]:
-    return {str(mv.version) for mv in client.search_model_versions(f"name='{name}'")}
+                "previous_champion": before, "rolled_back_at": at, "ledger_seq": intent["seq"],
+                "repaired": repaired}
 
 
 # ----------------------------------------------------------------------------------- list / show
@@ -588,13 +808,27 @@ def _register(client, model_uri: str, name: str, tags: dict[str, str], descripti
     return str(mv.version)
 
 
+def _generator_mode(generator_dir: Path, asked: str | None) -> str:
+    """The CFT mode from the generator's own meta; `--mode` must agree with it when both exist."""
+    from cxrcf.export import read_config
+
+    recorded = (read_config(generator_dir).get("meta") or {}).get("mode")
+    if recorded is not None and recorded not in MODES:
+        raise CxrcfError(f"{generator_dir}: meta mode {recorded!r} is not one of {', '.join(MODES)}")
+    if asked is not None and recorded is not None and asked != recorded:
+        raise CxrcfError(f"--mode {asked!r}: {generator_dir} was trained with mode {recorded!r} (its meta says so)")
+    if asked is None and recorded is None:
+        raise CxrcfError(f"{generator_dir}: its meta records no CFT mode; pass --mode none|hard|soft")
+    return asked or recorded
+
+
 def register(params, generator_dir, scm_dir, predictor_dir, guidance_dir, mode: str, eval_json,
              figures_dir=None, name: str | None = None, client=None) -> dict:
     """Package, log and register a generator (and both predictors); alias the generator `candidate`.
 
     Returns {name, version, run_id, model_uri, predictors: {role: {name, version}}}.
     """
-    if mode not in MODES:
+    if mode is not None and mode not in MODES:
         raise CxrcfError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
     dirs = {"generator": Path(generator_dir), "scm": Path(scm_dir), "evaluation_predictor": Path(predictor_dir),
             "guidance_predictor": Path(guidance_dir)}
@@ -610,16 +844,17 @@ def register(params, generator_dir, scm_dir, predictor_dir, guidance_dir, mode: 
     import mlflow
 
     from cxrcf.bundle import GeneratorBundle
-    from cxrcf.data import dvc_data_hash
     from cxrcf.export import load_model, read_config
+    from pipelines.lineage import registration_lineage
     from pipelines.model_card import render_model_card
-    from training.tracking import ensure_experiment, git_commit
+    from training.tracking import ensure_experiment
 
+    mode = _generator_mode(dirs["generator"], mode)
     client = client or connect()
     name = name or params.registry.generator_name
     lineage = {f"lineage.{role}_run_id": rid for role, d in dirs.items() if (rid := read_run_id(d))}
     tags = {"cxrcf.kind": "generator", "cft_mode": mode, "preset": params.preset,
-            "data_hash": dvc_data_hash() or "", "git_commit": git_commit() or "", **lineage}
+            **registration_lineage(client, lineage.get("lineage.generator_run_id")), **lineage}
     headline = {k: v for k, v in metrics.items() if HEADLINE.match(k)}
     meta = {"name": name, "mode": mode, "preset": params.preset, "metrics": headline, "lineage": tags}
 
@@ -627,7 +862,7 @@ def register(params, generator_dir, scm_dir, predictor_dir, guidance_dir, mode: 
     bundle = GeneratorBundle(load_model(dirs["generator"]), load_model(dirs["scm"]),
                              load_model(dirs["evaluation_predictor"]), meta)
     exp_id = ensure_experiment(params.mlflow.experiment)
-    gate_rows = [asdict(g) | {"passed": g.passed} for g in check_gates(headline, params.registry.gates)]
+    gate_rows = [g.to_json() for g in check_gates(headline, params.registry.gates)]
     with tempfile.TemporaryDirectory(prefix="cxrcf-register-") as tmp:
         bundle_dir = Path(tmp) / "bundle"
         bundle.save(bundle_dir)
@@ -652,7 +887,14 @@ def register(params, generator_dir, scm_dir, predictor_dir, guidance_dir, mode: 
     eval_tags = {f"{EVAL_PREFIX}{k}": repr(v) for k, v in headline.items()}
     version = _register(client, logged.model_uri, name,
                         {**tags, **eval_tags, "registration_run_id": run_id}, card)
-    client.set_registered_model_alias(name, CANDIDATE, version)
+    state = ledger(name, client)
+    with promotion_lock(name, client) as held:
+        repair(client, state, held["check"])
+        before = _aliases(client, name).get(CANDIDATE)
+        _transact(client, state, {"action": "register", "version": version, "decision": "registered",
+                                  "reason": f"{mode} CFT generator registered from run {run_id}", "run_id": run_id,
+                                  "moves": {CANDIDATE: version}, "from": {CANDIDATE: before},
+                                  "gates": gate_rows}, held["check"])
     predictors = {}
     for role, info in predictor_logged.items():
         reg_name = getattr(params.registry, f"{role}_name")

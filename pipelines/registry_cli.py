@@ -1,9 +1,11 @@
 """`cxrcf registry`: register, promote, rollback, list and show generator versions.
 
     cxrcf registry register --params P --generator DIR --scm DIR --predictor DIR --guidance DIR
-                            --mode none|hard|soft --eval FILE [--figures DIR] [--out FILE]
-    cxrcf registry promote  --params P [--name N] [--version V] [--out FILE] [--no-fail]
-    cxrcf registry rollback [--params P] [--name N]
+                            [--mode none|hard|soft] --eval FILE [--figures DIR] [--out FILE]
+    cxrcf registry promote  --params P [--name N] [--version V | --from FILE] [--out FILE] [--no-fail]
+    cxrcf registry rollback [--params P] [--name N] [--to VERSION]
+    cxrcf registry history  [NAME] [--params P]
+    cxrcf registry repair   [--params P] [--name N]
     cxrcf registry list     [--params P] [--name N]
     cxrcf registry show     NAME@ALIAS | NAME/VERSION | ALIAS | VERSION  [--params P]
 
@@ -34,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--scm", required=True, help="attribute SCM export directory")
     r.add_argument("--predictor", required=True, help="evaluation predictor export directory")
     r.add_argument("--guidance", required=True, help="guidance predictor export directory")
-    r.add_argument("--mode", required=True, choices=["none", "hard", "soft"])
+    r.add_argument("--mode", choices=["none", "hard", "soft"],
+                   help="CFT mode; default and check: the generator's own meta")
     r.add_argument("--eval", required=True, help="evaluation JSON of this generator (cxrcf evaluate)")
     r.add_argument("--figures", help="folder of PNG figures for the model card")
     r.add_argument("--name", help="registered model name (default params.registry.generator_name)")
@@ -43,14 +46,27 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("promote", help="move 'champion' to the candidate if the gates pass")
     pr.add_argument("--params", default="params.yaml")
     pr.add_argument("--name")
-    pr.add_argument("--version", help="version to promote (default: the 'candidate' alias)")
+    which = pr.add_mutually_exclusive_group()
+    which.add_argument("--version", help="version to promote (default: the 'candidate' alias)")
+    which.add_argument("--from", dest="from_file", metavar="FILE",
+                       help="promote exactly the version in this `register --out` file (pinned to its run)")
     pr.add_argument("--out", help="write the decision JSON here")
     pr.add_argument("--no-fail", action="store_true", help="exit 0 when refused (the decision is still recorded)")
 
     rb = sub.add_parser("rollback", help="champion <- previous-champion")
     rb.add_argument("--params", default="params.yaml")
     rb.add_argument("--name")
+    rb.add_argument("--to", metavar="VERSION", help="an earlier champion to restore (default: the one before)")
     rb.add_argument("--out", help="write the rollback JSON here")
+
+    hi = sub.add_parser("history", help="the alias ledger: every alias move and refused promotion")
+    hi.add_argument("name", nargs="?", help="registered model (default params.registry.generator_name)")
+    hi.add_argument("--params", default="params.yaml")
+    hi.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+    rp = sub.add_parser("repair", help="complete alias moves that a crashed command left half done")
+    rp.add_argument("--params", default="params.yaml")
+    rp.add_argument("--name")
 
     ls = sub.add_parser("list", help="versions with aliases, mode and key metrics")
     ls.add_argument("--params", default="params.yaml")
@@ -97,7 +113,15 @@ def _run(args) -> int:
         print(f"registered {out['name']} version {out['version']} as 'candidate' ({out['model_uri']})")
         return 0
     if args.command == "promote":
-        decision = registry.promote(params, name=args.name, version=args.version)
+        name, version, run_id = args.name, args.version, None
+        if args.from_file:
+            pinned = registry.read_registered(args.from_file)
+            if name and name != pinned["name"]:
+                raise CxrcfError(f"--name {name!r} disagrees with {args.from_file}: it registered {pinned['name']!r}")
+            name, version, run_id = pinned["name"], pinned["version"], pinned["run_id"]
+        decision = registry.promote(params, name=name, version=version, expect_run_id=run_id)
+        for seq in decision.repaired or []:
+            print(f"completed the interrupted alias move recorded as ledger entry #{seq}")
         _write(args.out, decision.to_json())
         line = f"{decision.name} version {decision.version}: {decision.decision}: {decision.reason}"
         if decision.ok:
@@ -109,12 +133,30 @@ def _run(args) -> int:
             return 0
         raise CxrcfError(line)
     if args.command == "rollback":
-        out = registry.rollback(params, name=args.name)
+        out = registry.rollback(params, name=args.name, to=args.to)
         _write(args.out, out)
         print(f"{out['name']}: champion is version {out['champion_version']} again "
               f"(was {out['demoted_version']}; previous-champion now {out['previous_champion'] or 'none'})")
         return 0
     name = getattr(args, "name", None) or params.registry.generator_name
+    if args.command == "history":
+        rows = registry.history(name)
+        if args.json:
+            import json
+
+            print(json.dumps(rows, indent=1))
+            return 0
+        print(f"{name} ledger ({registry.connect().tracking_uri})")
+        print(format_table([{k: r[k] for k in ("seq", "at", "by", "action", "version", "moves", "decision",
+                                               "status")} | {"gates / reason": r["gates"] or r["reason"]}
+                            for r in rows]))
+        return 0
+    if args.command == "repair":
+        done = registry.repair_model(name)
+        print(f"{name}: " + (f"completed {len(done)} interrupted alias move(s): ledger "
+                             + ", ".join(f"#{i['seq']} ({i['action']} of version {i['version']})" for i in done)
+                             if done else "nothing to repair"))
+        return 0
     if args.command == "list":
         print(f"{name} ({registry.connect().tracking_uri})")
         print(format_table(registry.list_versions(name)))

@@ -11,6 +11,9 @@ import os
 
 import pytest
 
+# The registry's stores (SQLite, PostgreSQL + S3 server): session-wide, so the server starts once.
+pytest_plugins = ["registry_fixtures"]
+
 for _k, _v in {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",

@@ -1,11 +1,14 @@
-"""The model registry on a temporary SQLite store: packaging, lineage, gates, promotion, rollback,
-racing promotions (two real processes) and the errors users meet."""
+"""The model registry on both stores (SQLite, and an `mlflow server` on PostgreSQL + S3): packaging,
+lineage, gates, pinned and atomic promotion, the alias ledger, rollback, racing promotions (real
+processes, one of them killed while holding the lock) and the errors users meet."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -94,7 +97,7 @@ def parts(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def registered(parts, mlflow_uri):
+def registered(parts, registry_backend):
     """One generator registered through the CLI (the slow part: three models logged from code)."""
     name = f"gen-{uuid.uuid4().hex[:8]}"
     out = parts.root / "registered.json"
@@ -114,15 +117,22 @@ def client():
 def new_model_from(registered, n_versions: list[dict]) -> str:
     """A fresh registered model whose versions share the registered artifacts but carry other
     metrics (what a retrained generator would record); cheap, since nothing is logged again."""
+    from mlflow.entities import Metric
+
     mlc = client()
     base = mlc.get_model_version(registered["name"], registered["version"])
+    experiment = mlc.get_run(base.run_id).info.experiment_id
     name = f"gen-{uuid.uuid4().hex[:8]}"
     mlc.create_registered_model(name)
     for metrics in n_versions:
+        flat = registry.flat_metrics(metrics)
+        # Each version's own run logs its evaluation metrics, as `register` does: gates read them there.
+        run = mlc.create_run(experiment, run_name=f"{name}-eval")
+        mlc.log_batch(run.info.run_id, metrics=[Metric(k, v, 0, 0) for k, v in flat.items()])
+        mlc.set_terminated(run.info.run_id)
         tags = {k: v for k, v in base.tags.items() if not k.startswith(registry.EVAL_PREFIX)}
-        tags.update({f"{registry.EVAL_PREFIX}{k}": repr(v) for k, v in registry.flat_metrics(metrics).items()
-                     if registry.HEADLINE.match(k)})
-        mlc.create_model_version(name, source=base.source, run_id=base.run_id, tags=tags,
+        tags.update({f"{registry.EVAL_PREFIX}{k}": repr(v) for k, v in flat.items() if registry.HEADLINE.match(k)})
+        mlc.create_model_version(name, source=base.source, run_id=run.info.run_id, tags=tags,
                                  model_id=base.source.removeprefix("models:/"))
     return name
 
@@ -186,7 +196,11 @@ def test_register_records_lineage_metrics_card_and_candidate(registered, parts):
     assert tags["lineage.generator_run_id"] == "run-generator-1"
     assert tags["lineage.guidance_predictor_run_id"] == "run-guidance-1"
     assert "lineage.scm_run_id" not in tags  # no run.json there: nothing invented
-    assert len(tags["git_commit"]) == 40 and "data_hash" in tags
+    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("true", "false")
+    # run-generator-1 is not in this store, so the hash falls back to data.dvc, and says so.
+    from cxrcf.data import dvc_data_hash
+
+    assert tags["data_hash"] == dvc_data_hash(REPO / "data.dvc") and tags["data_hash_source"] == "data.dvc"
     assert tags["registration_run_id"] == registered["run_id"] == mv.run_id
     assert float(tags["eval.effectiveness.sex.auc"]) == 0.9
     assert float(tags["eval.amplification.worst"]) == 0.5
@@ -318,38 +332,162 @@ def test_rollback_walks_back_the_promotion_chain(registered, parts):
     assert registry.resolve_alias(name, "champion") == "1"
 
 
-def test_two_racing_promotions_end_in_one_consistent_champion(registered, parts, mlflow_uri):
-    """Two real processes promote different versions at once; the lock serialises them, so the
-    second compares against the first, and the aliases agree with the recorded decisions."""
+def test_rollback_to_an_earlier_champion_and_refusals(registered, parts, capsys):
+    name = new_model_from(registered, [evaluation()] * 3)
+    for v in ("1", "2", "3"):
+        assert registry.promote(parts.params, name=name, version=v).decision == "promoted"
+    assert cli.main(["registry", "rollback", "--params", parts.params_file, "--name", name, "--to", "1"]) == 0
+    assert registry.resolve_alias(name, "champion") == "1"
+    assert registry._aliases(client(), name).get("previous-champion") is None
+    capsys.readouterr()
+    # 3 was rolled back past: it is no longer an earlier champion to return to.
+    assert cli.main(["registry", "rollback", "--params", parts.params_file, "--name", name, "--to", "3"]) == 1
+    assert "version 3 is not an earlier champion" in capsys.readouterr().err
+    assert registry.promote(parts.params, name=name, version="2").decision == "promoted"
+    assert registry.rollback(parts.params, name=name)["champion_version"] == "1"
+    stack_moves = [(r["action"], r["version"], r["status"]) for r in registry.history(name)]
+    assert stack_moves == [("promote", "1", "done"), ("promote", "2", "done"), ("promote", "3", "done"),
+                           ("rollback", "1", "done"), ("promote", "2", "done"), ("rollback", "1", "done")]
+
+
+# ------------------------------------------------------------------------ pinned and atomic promotion
+def test_promote_from_the_register_output_is_pinned_to_that_registration(registered, parts, capsys):
     mlc = client()
+    name = new_model_from(registered, [evaluation()] * 2)
+    first = mlc.get_model_version(name, "1")
+    mlc.set_registered_model_alias(name, "candidate", "2")  # another pipeline's candidate on a shared server
+    pinned = parts.root / f"{name}-registered.json"
+    pinned.write_text(json.dumps({"name": name, "version": "1", "run_id": first.run_id,
+                                  "model_uri": f"models:/{name}/1"}))
+    assert promote_cli(parts, name, "--from", str(pinned)) == 0
+    assert registry.resolve_alias(name, "champion") == "1"
+
+    capsys.readouterr()
+    pinned.write_text(json.dumps({"name": name, "version": "2", "run_id": first.run_id}))
+    assert promote_cli(parts, name, "--from", str(pinned)) == 1
+    err = capsys.readouterr().err
+    assert f"not from the registration run {first.run_id}" in err and len(err.strip().splitlines()) == 1
+    pinned.write_text(json.dumps({"name": name, "run_id": first.run_id}))
+    assert promote_cli(parts, name, "--from", str(pinned)) == 1
+    assert "field 'version' is missing" in capsys.readouterr().err
+    assert registry.resolve_alias(name, "champion") == "1"
+
+
+def test_version_tags_that_disagree_with_the_run_refuse_promotion(registered, parts, capsys):
+    mlc = client()
+    name = new_model_from(registered, [evaluation(worst=3.0)])
+    mlc.set_model_version_tag(name, "1", "eval.amplification.worst", "0.1")  # edited to pass the gate
+    assert promote_cli(parts, name, "--version", "1") == 1
+    err = capsys.readouterr().err
+    assert "tag eval.amplification.worst = 0.1 disagrees with run" in err and "logged amplification.worst = 3" in err
+    assert "champion" not in registry._aliases(mlc, name)
+    refused = registry.history(name)[-1]
+    assert (refused["action"], refused["status"], refused["version"]) == ("promote", "refused", "1")
+    assert "max_amplification=3 FAIL" in refused["gates"] and "disagrees" in refused["reason"]
+
+
+# A promotion killed for real right after its first alias move (previous-champion set, champion not).
+CRASH_AFTER_FIRST_ALIAS_MOVE = """
+import os, signal, sys
+from mlflow import MlflowClient
+from cxrcf import cli
+real = MlflowClient.set_registered_model_alias
+def move_then_die(self, name, alias, version):
+    real(self, name, alias, version)
+    os.kill(os.getpid(), signal.SIGKILL)
+MlflowClient.set_registered_model_alias = move_then_die
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_promotion_killed_between_alias_moves_is_completed_by_the_next_command(
+        registered, parts, registry_backend, monkeypatch, capsys):
+    # The dead holder's server lock ends soon; live holders heartbeat every 2 s even on a loaded machine.
+    monkeypatch.setenv("CXRCF_REGISTRY_LOCK_STALE_S", "8")
     name = new_model_from(registered, [evaluation()] * 3)
     assert registry.promote(parts.params, name=name, version="1").decision == "promoted"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "PYTHONPATH": str(REPO)}
-    logs = [parts.root / f"race-{v}.log" for v in ("2", "3")]
-    procs = []
-    # Hold the lock while both start, so that both are certainly contending when it is released.
-    with registry.promotion_lock(name), contextlib.ExitStack() as files:
-        for v, log in zip(("2", "3"), logs):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "cxrcf.cli", "registry", "promote", "--params", parts.params_file,
-                 "--name", name, "--version", v], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                stderr=files.enter_context(open(log, "w"))))
-        deadline = time.monotonic() + 120
-        while not all(log.exists() and "waiting for the promotion lock" in log.read_text() for log in logs):
-            assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
-            assert time.monotonic() < deadline, "the promotions never reached the lock"
-            time.sleep(0.1)
-    for p, log in zip(procs, logs):
-        assert p.wait(timeout=120) == 0, log.read_text()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    crashed = subprocess.run([sys.executable, "-c", CRASH_AFTER_FIRST_ALIAS_MOVE, "registry", "promote", "--params",
+                              parts.params_file, "--name", name, "--version", "2"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    aliases = registry._aliases(client(), name)
+    assert aliases["champion"] == "1" and aliases["previous-champion"] == "1"  # the half-done state
+    assert [r["status"] for r in registry.history(name)] == ["done", "PENDING"]
 
-    tags = {v: mlc.get_model_version(name, v).tags for v in ("2", "3")}
-    assert all(t["promotion.decision"] == "promoted" for t in tags.values())
-    first, last = sorted(tags, key=lambda v: tags[v]["promotion.checked_at"])
-    assert registry.resolve_alias(name, "champion") == last
-    assert registry.resolve_alias(name, "previous-champion") == first
-    assert tags[last]["promotion.previous_champion"] == first == tags[last]["promotion.champion_at_check"]
-    assert tags[first]["promotion.previous_champion"] == "1"
-    assert all(float(t["promotion.waited_s"]) >= 0.05 for t in tags.values())
+    assert cli.main(["registry", "promote", "--params", parts.params_file, "--name", name, "--version", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "completed the interrupted alias move" in out
+    aliases = registry._aliases(client(), name)
+    assert (aliases["champion"], aliases["previous-champion"]) == ("3", "2")
+    rows = registry.history(name)
+    assert [(r["version"], r["status"]) for r in rows] == [("1", "done"), ("2", "repaired"), ("3", "done")]
+    assert client().get_model_version(name, "2").tags["promotion.decision"] == "promoted"
+    assert "champion: 1 -> 2" in rows[1]["moves"] and "champion: 2 -> 3" in rows[2]["moves"]
+
+
+# Takes the promotion lock, says so, and waits to be killed: a holder that dies without releasing.
+STALE_HOLDER = """
+import sys, time
+from pipelines import registry
+with registry.promotion_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_three_racing_promoters_and_a_stale_holder_end_in_one_consistent_chain(
+        registered, parts, registry_backend, capsys):
+    """Three real processes promote versions 2, 3 and 4 while a fourth holds the lock and is killed.
+    The lock serialises them: each promotion's intent is followed by its own completion, each saw the
+    champion the previous one set, and on the server exactly one waiter broke the dead holder's epoch."""
+    name = new_model_from(registered, [evaluation()] * 4)
+    assert registry.promote(parts.params, name=name, version="1").decision == "promoted"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CXRCF_REGISTRY_LOCK_STALE_S": "8",
+           "CXRCF_REGISTRY_LOCK_WAIT_S": "900"}  # three promotions in a row on a loaded 2-core machine
+    holder = subprocess.Popen([sys.executable, "-c", STALE_HOLDER, name], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        logs = [parts.root / f"race-{name}-{v}.log" for v in ("2", "3", "4")]
+        with contextlib.ExitStack() as files:
+            procs = [subprocess.Popen([sys.executable, "-m", "cxrcf.cli", "registry", "promote", "--params",
+                                       parts.params_file, "--name", name, "--version", v], cwd=REPO, env=env,
+                                      stdout=subprocess.DEVNULL, stderr=files.enter_context(open(log, "w")))
+                     for v, log in zip(("2", "3", "4"), logs)]
+            deadline = time.monotonic() + 300
+            while not all("waiting for the promotion lock" in log.read_text() for log in logs):
+                assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+                assert time.monotonic() < deadline, "the promotions never reached the lock"
+                time.sleep(0.1)
+            released = time.monotonic()
+            holder.kill()
+            for p, log in zip(procs, logs):
+                assert p.wait(timeout=900) == 0, log.read_text()
+            spread = time.monotonic() - released
+    finally:
+        holder.kill()
+        holder.wait()
+
+    entries = registry.ledger(name).entries()
+    intents = [e for e in entries if e["type"] == "intent"]
+    assert intents[0]["version"] == "1" and sorted(e["version"] for e in intents[1:]) == ["2", "3", "4"]
+    by_seq = {e["seq"]: e for e in entries}
+    for e in intents:
+        follower = by_seq[e["seq"] + 1]
+        assert (follower["type"], follower["op"]) == ("complete", e["seq"]), "promotions interleaved"
+    for before, after in itertools.pairwise(intents):
+        assert after["from"]["champion"] == before["version"]
+    aliases = registry._aliases(client(), name)
+    assert (aliases["champion"], aliases["previous-champion"]) == (intents[-1]["version"], intents[-2]["version"])
+    waited = sorted(float(client().get_model_version(name, v).tags["promotion.waited_s"]) for v in ("2", "3", "4"))
+    if registry_backend["kind"] != "sqlite":
+        locks = {k: v for k, v in registry.ledger(name).params().items() if k.startswith("lock.free.")}
+        assert sum(v.startswith("broken-by") for v in locks.values()) == 1, locks
+        assert sum("broke the promotion lock" in log.read_text() for log in logs) == 1
+    with capsys.disabled():
+        print(f"\n[race {registry_backend['kind']}] 3 promoters after a killed holder: done "
+              f"{spread:.1f} s after the kill; waited_s {', '.join(f'{w:.1f}' for w in waited)}")
 
 
 # -------------------------------------------------------------------------------- list / show
@@ -366,6 +504,14 @@ def test_list_and_show(registered, parts, capsys):
     assert f"{name} version {registered['version']}" in text and "promotion.decision" in text
     assert "eval.effectiveness.sex.auc" in text
 
+    # The ledger: the registration that set `candidate`, then the promotion with its gate values.
+    assert cli.main(["registry", "history", name, "--params", parts.params_file]) == 0
+    text = capsys.readouterr().out
+    lines = [line for line in text.splitlines() if line[:1].isdigit()]
+    assert "register" in lines[0] and f"candidate: - -> {registered['version']}" in lines[0]
+    assert "promote" in lines[1] and f"champion: - -> {registered['version']}" in lines[1]
+    assert "min_auc.sex=0.9" in lines[1] and "max_amplification=0.5" in lines[1] and "done" in lines[1]
+
 
 # -------------------------------------------------------------------------------------- errors
 def test_clear_errors_for_missing_models_aliases_versions(registered):
@@ -380,7 +526,7 @@ def test_clear_errors_for_missing_models_aliases_versions(registered):
         registry.load_bundle("/nonexistent/bundle")
 
 
-def test_unreachable_tracking_server_fails_fast(parts, mlflow_uri, monkeypatch, capsys):
+def test_unreachable_tracking_server_fails_fast(parts, registry_backend, monkeypatch, capsys):
     import mlflow
 
     with socket.socket() as s:
@@ -391,8 +537,8 @@ def test_unreachable_tracking_server_fails_fast(parts, mlflow_uri, monkeypatch, 
     try:
         assert cli.main(["registry", "list", "--params", parts.params_file]) == 1
     finally:
-        mlflow.set_tracking_uri(mlflow_uri)
-        mlflow.set_registry_uri(mlflow_uri)
+        mlflow.set_tracking_uri(registry_backend["uri"])
+        mlflow.set_registry_uri(registry_backend["uri"])
     assert time.monotonic() - start < 10
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and f"127.0.0.1:{port}" in err and "unreachable" in err

@@ -1,164 +1,116 @@
-"""The registry flow over HTTP against a real `mlflow server` on 127.0.0.1 (a free port):
-register -> promote -> load the champion, with the server-side promotion lock and its errors."""
+"""The production-shaped store itself: `mlflow server` on PostgreSQL with an S3-compatible artifact
+store (see registry_fixtures.py), its schema migration, and the server-side promotion lock (owner
+tokens, owner-checked release, one breaker of a stale holder, bounded retries)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
-import torch
-from helpers import torch_threads
-from test_registry import checkpoint_bundle, evaluation, make_parts, sample_inputs
+from registry_fixtures import BIN, S3_ENV, _pointed_at
 
 from cxrcf.errors import CxrcfError
 from pipelines import registry
-
-MLFLOW = Path(sys.executable).with_name("mlflow")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipelines.registry_ledger import FREE, HOLD, RegistryState, server_lock
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real tracking server with proxied artifacts; stopped by its process group in the end."""
+def server(pg_s3_server):
+    with _pointed_at(pg_s3_server["url"], {"CXRCF_MLFLOW_ARTIFACTS": None}):
+        yield pg_s3_server
+
+
+def test_artifacts_land_in_s3_through_the_server_and_the_schema_is_at_head(server, tmp_path):
+    import boto3
     import mlflow
 
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(root / "server.log", "w") as log:
-        proc = subprocess.Popen(
-            [str(MLFLOW), "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "artifacts")],
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    old_uri = mlflow.get_tracking_uri()
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "mlflow server did not become healthy"
-            time.sleep(0.3)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("MLFLOW_TRACKING_URI", url)
-            # Unset, so that experiments use the server's proxied artifact store (not a local folder).
-            mp.delenv("CXRCF_MLFLOW_ARTIFACTS", raising=False)
-            with torch_threads(1):
-                yield url, root
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        mlflow.set_tracking_uri(old_uri)
-        mlflow.set_registry_uri(old_uri)
-
-
-@pytest.fixture(scope="module")
-def registered(server, tmp_path_factory):
-    parts = make_parts(tmp_path_factory.mktemp("parts"))
-    name = f"gen-http-{uuid.uuid4().hex[:8]}"
-    out = registry.register(parts.params, parts.root / "generator", parts.root / "scm", parts.root / "evaluation",
-                            parts.root / "guidance", "hard", parts.root / "eval.json",
-                            figures_dir=parts.root / "figures", name=name)
-    return parts, out
-
-
-def test_register_promote_load_over_http(server, registered):
-    import mlflow
-    import pandas as pd
-
-    from cxrcf.bundle import parents_from_labels
-    from pipelines.pyfunc_model import decode_png, encode_png, to_uint8
-
-    url, _ = server
-    parts, out = registered
-    name = out["name"]
     mlc = registry.connect()
-    assert mlc.tracking_uri == url
-    assert mlc.get_model_version_download_uri(name, out["version"]).startswith("mlflow-artifacts:")
+    exp = mlc.create_experiment(f"s3-{uuid.uuid4().hex[:8]}")
+    run = mlc.create_run(exp)
+    (tmp_path / "note.txt").write_text("stored in S3")
+    mlc.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
+    assert mlc.get_experiment(exp).artifact_location.startswith("mlflow-artifacts:")
+    s3 = boto3.client("s3", endpoint_url=server["s3_url"], aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"], region_name=S3_ENV["AWS_DEFAULT_REGION"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=server["bucket"]).get("Contents", [])]
+    assert any(k.startswith("mlartifacts/") and k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys), keys
+    back = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="note.txt", dst_path=str(tmp_path / "dl"))
+    assert Path(back).read_text() == "stored in S3"
 
-    decision = registry.promote(parts.params, name=name)
-    assert decision.decision == "promoted" and decision.champion_version == out["version"]
+    # The migration step README documents: the schema is at MLflow's newest revision, and running the
+    # upgrade again on it succeeds and changes nothing.
+    from alembic.script import ScriptDirectory
+    from mlflow.store import db_migrations
 
-    bundle, info = registry.load_bundle(f"models:/{name}@champion")
-    assert (info["name"], info["version"], info["mode"]) == (name, out["version"], "hard")
-    images, x, rows, interventions = sample_inputs()
-    expected = checkpoint_bundle(parts.root).counterfactuals(x, parents_from_labels(rows), interventions, seed=1)
-    got = bundle.counterfactuals(x, parents_from_labels(rows), interventions, seed=1)
-    assert all(torch.equal(e, g) for e, g in zip(expected, got))
+    def revision() -> str:
+        return server["pg"].psql("\\c mlflow\nSELECT version_num FROM alembic_version;")
 
-    frame = pd.DataFrame([{**rows[0], "image": encode_png(images[0]), "interventions": '[{"sex": "female"}]',
-                           "t_u": 1.0, "seed": 1}])
-    pred = mlflow.pyfunc.load_model(f"models:/{name}/{out['version']}").predict(frame)
-    solo = checkpoint_bundle(parts.root).counterfactuals(x[:1], parents_from_labels(rows[:1]), [{"sex": "female"}],
-                                                         seed=1)[0]
-    assert (decode_png(json.loads(pred["counterfactuals"][0])[0]) == to_uint8(solo)[0]).all()
-
-    with pytest.raises(CxrcfError, match="no version has alias 'staging'"):
-        registry.load_bundle(f"models:/{name}@staging")
+    newest = ScriptDirectory(str(Path(db_migrations.__file__).parent)).get_current_head()
+    before = revision()
+    assert newest in before and "(1 row)" in before, before
+    again = subprocess.run([str(BIN / "mlflow"), "db", "upgrade", server["db_uri"]], capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert revision() == before
 
 
-def test_server_lock_serialises_promotions(server, registered):
-    """While one holder has the server-side lock, a promotion waits; it then sees the new state."""
-    parts, out = registered
+def _lock_params(name: str) -> dict[str, str]:
+    state = RegistryState(registry.connect(), name)
+    return {k: v for k, v in state.params().items() if k.startswith(("lock.",))}
+
+
+def test_a_stalled_holder_is_broken_once_and_its_release_is_refused(server, capsys):
+    """Holder A stops heartbeating (a 1000 s heartbeat period stands for a stalled process); waiters B
+    and C both judge it stale, yet exactly one of them ends A's epoch, and they then hold the lock one
+    after the other. A's late release does not free anyone's lock: it is refused and reported."""
     mlc = registry.connect()
-    base = mlc.get_model_version(out["name"], out["version"])
     name = f"gen-lock-{uuid.uuid4().hex[:8]}"
-    mlc.create_registered_model(name)
-    tags = {f"{registry.EVAL_PREFIX}{k}": repr(v) for k, v in registry.flat_metrics(evaluation()).items()
-            if registry.HEADLINE.match(k)}
-    for _ in range(2):
-        mlc.create_model_version(name, source=base.source, run_id=base.run_id, tags=tags,
-                                 model_id=base.source.removeprefix("models:/"))
-    assert registry.promote(parts.params, name=name, version="1").decision == "promoted"
+    intervals: dict[str, tuple[float, float]] = {}
+    errors: list[BaseException] = []
 
-    result = {}
-    worker = threading.Thread(target=lambda: result.update(d=registry.promote(parts.params, name=name, version="2")))
-    with registry.promotion_lock(name):
-        assert mlc.get_registered_model(f"{name}.promotion-lock").tags["cxrcf.lock"]
-        worker.start()
-        time.sleep(1.5)
-        assert worker.is_alive(), "promotion went ahead while another process held the lock"
-    worker.join(timeout=60)
-    decision = result["d"]
-    assert decision.decision == "promoted" and decision.waited_s >= 1.0
-    assert (decision.champion_version, decision.previous_champion) == ("2", "1")
-    with pytest.raises(Exception, match="RESOURCE_DOES_NOT_EXIST|not found"):
-        mlc.get_registered_model(f"{name}.promotion-lock")
+    def waiter(tag: str) -> None:
+        try:
+            with server_lock(mlc, name, timeout_s=120, stale_s=4.0) as held:
+                start = time.monotonic()
+                time.sleep(0.5)
+                intervals[tag] = (start, time.monotonic(), held["epoch"])
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    holder = server_lock(mlc, name, timeout_s=10, stale_s=1000.0)
+    held = holder.__enter__()
+    assert held["epoch"] == 1
+    threads = [threading.Thread(target=waiter, args=(t,)) for t in ("B", "C")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    holder.__exit__(None, None, None)
+
+    params = _lock_params(name)
+    assert params[f"{FREE}000001"].startswith("broken-by ")
+    (b0, b1, be), (c0, c1, ce) = intervals["B"], intervals["C"]
+    assert sorted([be, ce]) == [2, 3] and (b1 <= c0 or c1 <= b0), intervals
+    assert params[f"{HOLD}000002"] != params[f"{HOLD}000003"]
+    assert params[f"{FREE}000002"] == params[f"{HOLD}000002"]  # released by its owner
+    err = capsys.readouterr().err
+    assert err.count("broke the promotion lock") == 1
+    assert "epoch 1" in err and "was ended by broken-by" in err
 
 
-def test_stale_server_lock_of_a_dead_holder_is_broken(server, capsys):
+def test_persistent_store_errors_end_the_wait_after_bounded_backed_off_retries(server):
     mlc = registry.connect()
-    name = f"gen-stale-{uuid.uuid4().hex[:8]}"
-    lock = f"{name}.promotion-lock"
-    mlc.create_registered_model(lock, tags={"cxrcf.lock": "host:4242:dead"})  # a holder that died
-    time.sleep(0.6)
-    with registry.promotion_lock(name, stale_s=0.5):
-        assert mlc.get_registered_model(lock).tags["cxrcf.lock"] != "host:4242:dead"
-    assert "breaking a stale promotion lock" in capsys.readouterr().err
-    with pytest.raises(CxrcfError, match="promotion lock still held"):
-        mlc.create_registered_model(lock)
-        with registry.promotion_lock(name, timeout_s=0.5):
-            pass
+    name = f"gen-lock-{uuid.uuid4().hex[:8]}"
+    state = RegistryState(mlc, name)
+    mlc.delete_run(state.run_id)  # every lock write now fails: the run is no longer active
+    start = time.monotonic()
+    with pytest.raises(CxrcfError, match=r"promotion lock of .* failed 6 times in a row"), \
+            server_lock(mlc, name, timeout_s=600, stale_s=1.0):
+        pass
+    # Five backoffs of 0.2 .. 3.2 s (halved at most by jitter): not a hot loop, and far below the wait.
+    assert 3.0 <= time.monotonic() - start < 120

