@@ -231,6 +231,7 @@ def _mlflow_server(root: Path, port: int) -> subprocess.Popen:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
+    _stop(proc)
     raise RuntimeError(f"mlflow server did not start; see {root}/mlflow-server-{port}.log")
 
 
@@ -374,21 +375,24 @@ def main(argv=None) -> int:
         try:
             ray.init(include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
             break
-        except Exception as err:  # noqa: BLE001 -- ray.init raises a bare Exception on a slow start
-            print(f"serve_hostile: ray.init failed ({err}); attempt {attempt + 2}", flush=True)
+        except Exception as err:  # ray.init raises a bare Exception on a slow start
             ray.shutdown()
+            if attempt == 2:
+                raise
+            print(f"serve_hostile: ray.init failed ({err}); attempt {attempt + 2}", flush=True)
     mlflow_port = _free_port()
-    server = {"proc": _mlflow_server(tmp, mlflow_port)}
-    os.environ["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
-    os.environ.pop("CXRCF_MLFLOW_ARTIFACTS", None)
-    print(f"serve_hostile: mlflow server on {os.environ['MLFLOW_TRACKING_URI']}; registering in {tmp}", flush=True)
-    name = _register(params, tmp / "model")
+    server = {"proc": None}
     out = {"benchmark": "serve_hostile", "preset": args.preset,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
            "serve": {k: getattr(cfg, k) for k in ("max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests",
                                                   "max_interventions", "max_body_bytes", "num_cpus")},
            "policy": policy.model_dump(exclude={"lkg_dir"})}
     try:
+        server["proc"] = _mlflow_server(tmp, mlflow_port)
+        os.environ["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
+        os.environ.pop("CXRCF_MLFLOW_ARTIFACTS", None)
+        print(f"serve_hostile: mlflow server on {os.environ['MLFLOW_TRACKING_URI']}; registering in {tmp}", flush=True)
+        name = _register(params, tmp / "model")
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg, name, alias="champion", api_keys=[KEY], policy=policy), name=APP_NAME,
                   route_prefix="/", blocking=False)
@@ -413,7 +417,8 @@ def main(argv=None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-        _stop(server["proc"])
+        if server["proc"] is not None:
+            _stop(server["proc"])
     out["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json(args.out, out)
     print(f"serve_hostile: wrote {args.out}", flush=True)
