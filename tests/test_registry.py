@@ -455,7 +455,7 @@ def test_three_racing_promoters_and_a_stale_holder_end_in_one_consistent_chain(
                                        parts.params_file, "--name", name, "--version", v], cwd=REPO, env=env,
                                       stdout=subprocess.DEVNULL, stderr=files.enter_context(open(log, "w")))
                      for v, log in zip(("2", "3", "4"), logs)]
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 900  # four Python start-ups at once on a loaded 2-core machine
             while not all("waiting for the promotion lock" in log.read_text() for log in logs):
                 assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
                 assert time.monotonic() < deadline, "the promotions never reached the lock"
