@@ -116,6 +116,15 @@ def _regressor(regressor_dir):
     return model, passed
 
 
+def _reuse(path: Path, regressor_dir, key: str) -> dict:
+    """A saved measurement, refused when it lacks the regressor's readings that this run asks for."""
+    arrays = load(path)
+    if regressor_dir is not None and key not in arrays:
+        raise CxrcfError(f"{path}: measured without an evidence regressor; delete it to measure again with "
+                         f"{regressor_dir}")
+    return arrays
+
+
 def reference(params, data_root, scm_dir, predictor_dir, generator_dir, out: str | Path,
               regressor_dir=None) -> dict:
     """Measure (or reuse) the generator-independent half of the endpoint, at the resolution of the
@@ -129,7 +138,7 @@ def reference(params, data_root, scm_dir, predictor_dir, generator_dir, out: str
 
     out = Path(out)
     if out.is_file():
-        return load(out)
+        return _reuse(out, regressor_dir, "ev_x/eff_max")
     resolution = int(read_config(Path(generator_dir))["config"]["resolution"])
     data_root = Path(data_root)
     if not (data_root / "exogenous.csv").is_file():
@@ -203,7 +212,7 @@ def measure(params, ref: dict, data_root, generator_dir, predictor_dir, out: str
 
     out = Path(out)
     if out.is_file():
-        return load(out)
+        return _reuse(out, regressor_dir, "ev_star/sex/eff_max")
     t0 = time.perf_counter()
     hvae = load_model(generator_dir).eval()
     res = int(ref["resolution"])

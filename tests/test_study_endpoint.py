@@ -127,6 +127,9 @@ def test_reference_and_measure_on_real_models(tiny_data, models, tmp_path):
     stamp = (tmp_path / "m.npz").stat().st_mtime_ns
     E.measure(PARAMS, ref, tiny_data, models["generator"], models["predictor"], tmp_path / "m.npz")
     assert (tmp_path / "m.npz").stat().st_mtime_ns == stamp
+    with pytest.raises(CxrcfError, match="measured without an evidence regressor"):
+        E.measure(PARAMS, ref, tiny_data, models["generator"], models["predictor"], tmp_path / "m.npz",
+                  regressor_dir=tmp_path / "any-regressor")
     bad = dict(ref, resolution=np.asarray(16))
     with pytest.raises(CxrcfError, match="resolution 32 differs"):
         E.measure(PARAMS, bad, tiny_data, models["generator"], models["predictor"], tmp_path / "m3.npz")
