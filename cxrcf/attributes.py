@@ -90,6 +90,10 @@ def age_from_model(age_model):
     return (age_model + 1.0) / 2.0 * 100.0
 
 
+# Where each parent sits in the context vector built by `context`.
+CONTEXT_COLUMNS: dict[str, tuple[int, ...]] = {"age": (0,), "race": (1, 2, 3), "sex": (4,), "finding": (5,)}
+
+
 def context(parents):
     """Parents dict of torch tensors (N,) -> context (N, 6): age, race one-hot, sex, finding."""
     import torch

@@ -213,14 +213,22 @@ class Decoder(nn.Module):
             str(r): nn.Conv2d(width_at[r], len(ix) * blocks[ix[0]].q_h.out_channels, 1, bias=False)
             for r, ix in self.stoch_at.items()})
         self.n_stochastic = sum(len(ix) for ix in self.stoch_at.values())
+        mask = None
+        if arch.template_only:
+            mask = torch.ones(arch.context_dim)
+            mask[template_columns(arch.template_only)] = 0.0
+        self.register_buffer("deep_mask", mask, persistent=False)
 
     def forward(self, ctx: torch.Tensor, acts: dict[int, torch.Tensor] | None = None,
                 latents: list[torch.Tensor] | None = None, t: float | None = None,
                 generator: torch.Generator | None = None, keep_priors: bool = False):
         """One top-down pass. With `acts`: posterior sampling (returns latents and KL); with `latents`:
-        those latents; otherwise prior sampling at temperature `t`. Returns (h, latents, kl (N,), priors)."""
+        those latents; otherwise prior sampling at temperature `t`. Returns (h, latents, kl, priors) where
+        kl holds one (N, z_dim) tensor per stochastic block: each latent channel's KL summed over space."""
         n = ctx.shape[0]
         pa = F.gelu(ctx)  # the posterior's 1x1 sees GELU(pa) (its block starts with GELU)
+        # the generative path sees every parent except those that act through the template alone
+        ctx_gen = ctx if self.deep_mask is None else ctx * self.deep_mask
         first = self.bias[str(self.resolutions[0])]
         h = z_state = first.expand(n, -1, -1, -1).contiguous(memory_format=_CL)
         xq: dict[int, list[torch.Tensor]] = {}
@@ -230,7 +238,7 @@ class Decoder(nn.Module):
                 xq[r] = list(xp.chunk(len(ix), dim=1))
         zs: list[torch.Tensor] = []
         priors: list[tuple[torch.Tensor, torch.Tensor]] = []
-        kl = ctx.new_zeros(n)
+        kl: list[torch.Tensor] = []
         j = 0
         for blk in self.blocks:
             res = blk.res
@@ -249,7 +257,7 @@ class Decoder(nn.Module):
                     a = blk.q_h(F.gelu(h)) + xq[res].pop(0) + blk.q_pa(pa)[:, :, None, None]
                     q_loc, q_raw = blk.posterior.tail(a).chunk(2, dim=1)
                     q_std = _std(q_raw)
-                    kl = kl + _gaussian_kl(q_loc, q_std, p_loc, p_std).sum(dim=(1, 2, 3))
+                    kl.append(_gaussian_kl(q_loc, q_std, p_loc, p_std).sum(dim=(2, 3)))
                     if t is not None:
                         q_std = q_std * t
                     z = q_loc + q_std * _noise(q_loc, generator)
@@ -261,7 +269,7 @@ class Decoder(nn.Module):
                 j += 1
             else:
                 z = p_loc
-            h = h + p_feat + blk.z_proj(z) + blk.z_proj_pa(ctx)[:, :, None, None]
+            h = h + p_feat + blk.z_proj(z) + blk.z_proj_pa(ctx_gen)[:, :, None, None]
             h = blk.conv(h)
             if blk.z_feat_proj is not None:
                 z_state = blk.z_feat_proj(torch.cat([z, p_feat], dim=1))
@@ -285,6 +293,26 @@ class HVAE(nn.Module):
         self.decoder = Decoder(arch, dec, width_at)
         # loc and log-scale per pixel from one 1x1 convolution
         self.likelihood = nn.Conv2d(arch.widths[0], 2 * arch.input_channels, 1)
+        self._logscale_max = min(PIXEL_LOGSCALE_MAX, math.log(arch.pixel_scale_max))
+        # Optional linear map from the parents to the pixel mean, added to the decoder's: what the parents
+        # change additively (soft-tissue shadows, density) is a per-pixel template, fitted by least squares
+        # before training (`fit_parent_template`), where the deep path alone had not learned it after
+        # thousands of steps (SCIENCE.md section 9). Columns of parents not in the template stay zero.
+        # The template is a fixed buffer, not a parameter: Adam moves every pixel by ~lr per step whatever
+        # its gradient, so a trainable template drifted from its least-squares fit while the deep path
+        # was still poor (do(sex) L1 to the truth 1.46x the unedited image's at step 300, against 0.44x
+        # for the fit alone). It is saved with the weights.
+        if not set(arch.template_only) <= set(arch.parent_template):
+            raise CxrcfError(f"generator.arch.template_only: {list(arch.template_only)} must be among "
+                             f"parent_template {list(arch.parent_template)}")
+        template = None
+        if arch.parent_template:
+            template = torch.zeros(arch.context_dim, arch.input_channels, arch.resolution, arch.resolution)
+        self.register_buffer("template", template)
+        if arch.zero_parent_init:
+            with torch.no_grad():
+                for b in self.decoder.blocks:
+                    b.z_proj_pa.weight.zero_()
         self.to(memory_format=_CL)
 
     # -------------------------------------------------------------------------------------- helpers
@@ -297,30 +325,52 @@ class HVAE(nn.Module):
             if tuple(x.shape) != want or x.shape[0] != ctx.shape[0]:
                 raise CxrcfError(f"x: expected shape {want} matching ctx, got {tuple(x.shape)}")
 
-    def _pixel_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pixel_params(self, h: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.likelihood(h)
         c = self.arch.input_channels
-        return out[:, :c], out[:, c:].clamp(PIXEL_LOGSCALE_MIN, PIXEL_LOGSCALE_MAX)
+        loc = out[:, :c]
+        if self.template is not None:
+            loc = loc + torch.einsum("nd,dchw->nchw", ctx, self.template)
+        return loc, out[:, c:].clamp(PIXEL_LOGSCALE_MIN, self._logscale_max)
 
     def _posterior_pass(self, x, ctx, t=None, generator=None):
         x = x.contiguous(memory_format=_CL)
         return self.decoder(ctx, acts=self.encoder(x), t=t, generator=generator)
 
     # ----------------------------------------------------------------------------------- public API
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, beta: float = 1.0) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, beta: float = 1.0,
+                free_bits: float = 0.0) -> dict[str, torch.Tensor]:
         """Per-pixel nats, batch means: loss = nll + beta * kl (the training objective), nelbo = nll + kl."""
-        return self.elbo_with_abduction(x, ctx, beta)[0]
+        return self.elbo_with_abduction(x, ctx, beta, free_bits=free_bits)[0]
 
     def elbo_with_abduction(self, x: torch.Tensor, ctx: torch.Tensor, beta: float = 1.0,
-                            generator: torch.Generator | None = None):
+                            generator: torch.Generator | None = None, free_bits: float = 0.0):
         """The training objective of `forward` plus what abduction would compute from the same
-        posterior pass: (losses, latents, (loc, logscale)). CFT needs both; one pass serves both."""
+        posterior pass: (losses, latents, (loc, logscale)). CFT needs both; one pass serves both.
+
+        With `free_bits` > 0 the loss charges each latent channel of each block at least that many nats
+        (its KL summed over space, averaged over the batch), as the reference HVAE does: a channel
+        below the floor costs nothing more to use, so latents are not switched off early in training.
+        `kl` and `nelbo` are always the true values."""
         self._check(x, ctx)
-        h, zs, kl, _ = self._posterior_pass(x, ctx, generator=generator)
-        loc, logscale = self._pixel_params(h)
+        h, zs, kl_blocks, _ = self._posterior_pass(x, ctx, generator=generator)
+        loc, logscale = self._pixel_params(h, ctx)
         nll = discretized_gaussian_nll(x, loc, logscale).mean()
-        kl = kl.mean() / x[0].numel()
-        return {"loss": nll + beta * kl, "nll": nll, "kl": kl, "nelbo": nll + kl}, zs, (loc, logscale)
+        pixels = x[0].numel()
+        kl = sum(b.sum(1) for b in kl_blocks).mean() / pixels
+        charged = kl
+        if free_bits > 0:
+            charged = sum(b.mean(0).clamp_min(free_bits).sum() for b in kl_blocks) / pixels
+        out = {"loss": nll + beta * charged, "nll": nll, "kl": kl, "nelbo": nll + kl}
+        return out, zs, (loc, logscale)
+
+    @torch.no_grad()
+    def kl_per_block(self, x: torch.Tensor, ctx: torch.Tensor) -> list[dict]:
+        """Per stochastic block: resolution and mean KL in nats per image (a diagnostic of latent use)."""
+        self._check(x, ctx)
+        _, _, kl_blocks, _ = self._posterior_pass(x, ctx)
+        res = [b.res for b in self.decoder.blocks if b.stochastic]
+        return [{"block": i, "res": r, "kl_nats": float(k.sum(1).mean())} for i, (r, k) in enumerate(zip(res, kl_blocks))]
 
     def abduct(self, x: torch.Tensor, ctx: torch.Tensor, t: float | None = None,
                generator: torch.Generator | None = None) -> list[torch.Tensor]:
@@ -331,14 +381,14 @@ class HVAE(nn.Module):
         """Latents plus the factual (loc, logscale) decoded from them, which abduction computes anyway."""
         self._check(x, ctx)
         h, zs, _, _ = self._posterior_pass(x, ctx, t, generator)
-        return zs, self._pixel_params(h)
+        return zs, self._pixel_params(h, ctx)
 
     def decode(self, latents: list[torch.Tensor], ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(None, ctx)
         if len(latents) != self.decoder.n_stochastic:
             raise CxrcfError(f"latents: expected {self.decoder.n_stochastic} tensors, got {len(latents)}")
         h, _, _, _ = self.decoder(ctx, latents=latents)
-        return self._pixel_params(h)
+        return self._pixel_params(h, ctx)
 
     def prior_params(self, latents: list[torch.Tensor], ctx: torch.Tensor):
         """(loc, std) of every stochastic block's prior given the earlier latents; ctx must not matter."""
@@ -349,7 +399,26 @@ class HVAE(nn.Module):
         """Latents from the prior at temperature t; returns the decoded per-pixel mean in [-1, 1]."""
         self._check(None, ctx)
         h, _, _, _ = self.decoder(ctx, t=t, generator=generator)
-        return self._pixel_params(h)[0].clamp(-1, 1).contiguous()
+        return self._pixel_params(h, ctx)[0].clamp(-1, 1).contiguous()
+
+
+def template_columns(parents) -> list[int]:
+    from cxrcf.attributes import CONTEXT_COLUMNS
+
+    return sorted(c for p in parents for c in CONTEXT_COLUMNS[p])
+
+
+@torch.no_grad()
+def fit_parent_template(x: torch.Tensor, ctx: torch.Tensor, parents, ridge: float = 1e-3) -> torch.Tensor:
+    """Least-squares per-pixel template (D, C, R, R) of images `x` (N, C, R, R) on the context columns of
+    `parents` plus an intercept (dropped: the decoder has its own bias); other columns are zero."""
+    cols = template_columns(parents)
+    design = torch.cat([ctx[:, cols].double(), torch.ones(len(ctx), 1, dtype=torch.float64)], 1)
+    gram = design.T @ design + ridge * len(ctx) * torch.eye(design.shape[1], dtype=torch.float64)
+    coef = torch.linalg.solve(gram, design.T @ x.flatten(1).double())
+    out = torch.zeros(ctx.shape[1], *x.shape[1:], dtype=torch.float32)
+    out[cols] = coef[:-1].float().view(len(cols), *x.shape[1:])
+    return out
 
 
 def discretized_gaussian_nll(x: torch.Tensor, loc: torch.Tensor, logscale: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from cxrcf.errors import CxrcfError
+from pipelines.generator_check import run_check
 from training.common import read_run_id
 
 INTERVENTIONS = ("sex", "race", "finding", "age")
@@ -228,7 +229,39 @@ class _Evaluator:
         print(f"[evaluate] rendered {self.n} true counterfactuals x {len(self.do)} interventions "
               f"in {time.perf_counter() - t0:.1f} s", flush=True)
         self.truth_probs = {k: self._predict(v) for k, v in truth.items()}
+        # what doing nothing scores: the unedited image against each true counterfactual
+        self.x_l1_truth = {k: float((self.x - v).abs().mean()) for k, v in truth.items()}
         return truth
+
+    def probe_latents(self) -> dict:
+        """KL per block and linear probes on the abducted latents of the first `check.probe_images` images."""
+        import numpy as np
+        import torch
+
+        from cxrcf.attributes import context
+        from cxrcf.synth import evidence
+        from pipelines.generator_check import latent_probes
+
+        n = min(self.n, self.cfg.check.probe_images)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed + 1)
+        feats = []
+        with torch.no_grad():
+            for i in range(0, n, self.cfg.batch_size):
+                s = slice(i, min(i + self.cfg.batch_size, n))
+                x = self.x[s].to(self.device)
+                ctx = context({a: v[s] for a, v in self.parents.items()}).to(self.device)
+                zs = self.hvae.abduct(x, ctx, generator=gen)
+                feats.append(torch.cat([z.flatten(1) for z in zs], 1).float().cpu())
+            m = min(n, 256)
+            kl = self.hvae.kl_per_block(self.x[:m].to(self.device),
+                                        context({a: v[:m] for a, v in self.parents.items()}).to(self.device))
+        attrs = {a: v[:n] for a, v in self.parents_np.items()}
+        ev = evidence(attrs, self.frame.iloc[:n]) if self.has_truth else None
+        probes = latent_probes(torch.cat(feats).numpy().astype(np.float64), attrs, ev)
+        pixels = float(self.x[0].numel())
+        probes["kl_per_block"] = kl
+        probes["kl_nats_per_pixel"] = sum(b["kl_nats"] for b in kl) / pixels
+        return probes
 
     # ---------------------------------------------------------------------------- measurement
     def measure(self, t_values: list[float], keep_rows: int = 0) -> tuple[dict, dict, dict]:
@@ -318,6 +351,10 @@ class _Evaluator:
             block["ground_truth"] = {
                 "cf_l1": float(np.mean([l1_truth[k] for k in INTERVENTIONS])),
                 "cf_l1_per_intervention": l1_truth,
+                "x_l1_per_intervention": {k: self.x_l1_truth[k] for k in INTERVENTIONS},
+                # below 1: the model lands closer to the true counterfactual than doing nothing
+                "l1_ratio_per_intervention": {k: l1_truth[k] / max(self.x_l1_truth[k], 1e-12)
+                                              for k in INTERVENTIONS},
                 "amplification": gt["amplification"],
                 "drift": gt["drift"],
                 # What the predictor's beliefs do between x and the TRUE counterfactual (the floor a
@@ -378,9 +415,11 @@ def _mlflow_rows(result: dict) -> list[tuple[str, float, int]]:
             rows.append((prefix, float(obj), 0))
 
     for key in ("effectiveness", "amplification", "drift", "composition_l1", "reversibility_l1", "ground_truth",
-                "extra_t_u"):
+                "extra_t_u", "latents"):
         if key in result:
             walk(result[key], f"eval/{key}")
+    if "generator_check" in result:
+        rows.append(("eval/generator_check/passed", float(result["generator_check"]["passed"]), 0))
     return rows
 
 
@@ -426,6 +465,8 @@ def evaluate_generator(params, data_root, generator_dir, scm_dir, predictor_dir,
               **blocks[params.evaluate.t_u]}
     # The same abducted noise serves every t_u, so the extra values differ from the main one by t_u alone.
     result["extra_t_u"] = {f"{t:g}": blocks[t] for t in t_values[1:]}
+    result["latents"] = ev.probe_latents()
+    result["generator_check"] = run_check(result, params.evaluate.check)
     result["seconds"] = time.perf_counter() - t0
     result = _clean(result)
     out_json = Path(out_json)
@@ -433,6 +474,9 @@ def evaluate_generator(params, data_root, generator_dir, scm_dir, predictor_dir,
     figures = _figures(ev, probs_star, kept, Path(figures_dir), name) if figures_dir else []
     if run_id:
         _log_to_mlflow(run_id, result, out_json, figures)
+    check = result["generator_check"]
+    print(f"[evaluate] {name}: generator check {'passed' if check['passed'] else 'FAILED'}: {check['summary']}",
+          flush=True)
     print(f"[evaluate] {name}: AMP mean {_fmt(result['amplification']['mean'])} "
           f"(worst {_fmt(result['amplification']['worst'])} {result['amplification']['worst_pair']}), "
           f"mean AUC {_fmt(result['effectiveness_mean_auc'])}, composition L1 {_fmt(result['composition_l1'])}"

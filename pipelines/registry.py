@@ -151,7 +151,8 @@ def flat_metrics(obj: Any, prefix: str = "") -> dict[str, float]:
 HEADLINE = re.compile(
     r"^(effectiveness\.\w+\.(acc|auc|mae)|effectiveness\.\w+\.delta_real\.\w+|effectiveness_mean_auc"
     r"|amplification\.(mean|stderr|worst)|amplification\.pairs\.[^.]+\.(mean|drift)|drift\.(mean|worst)"
-    r"|composition_l1|reversibility_l1|ground_truth\.(cf_l1|amplification\.(mean|worst)|effectiveness_mean_auc))$")
+    r"|composition_l1|reversibility_l1|ground_truth\.(cf_l1|amplification\.(mean|worst)|effectiveness_mean_auc)"
+    r"|generator_check\.passed_checks\..+)$")
 
 
 def version_metrics(version) -> dict[str, float]:
@@ -232,6 +233,8 @@ def check_gates(metrics: Mapping[str, float], gates, champion: Mapping[str, floa
     out = [Gate(name, metric, op, limit, metrics.get(metric),
                 _mlflow_threshold(metric, op, limit, metrics.get(metric)))
            for name, metric, op, limit in plain]
+    if gates.generator_check:
+        out += generator_check_gates(metrics)
     if champion is not None:
         tol = gates.regression_tolerance
         for a in AUC_ATTRIBUTES:
@@ -242,6 +245,17 @@ def check_gates(metrics: Mapping[str, float], gates, champion: Mapping[str, floa
         if key in champion:
             out.append(Gate("regression.amplification.worst", key, "<=", champion[key] + tol, metrics.get(key)))
     return out
+
+
+def generator_check_gates(metrics: Mapping[str, float]) -> list[Gate]:
+    """One gate per check of the evaluation's generator check (pipelines/generator_check.py), each named
+    for its check; an evaluation without the check is one failed gate, since nothing says the model is
+    a counterfactual model at all."""
+    prefix = "generator_check.passed_checks."
+    flags = {k: v for k, v in metrics.items() if k.startswith(prefix)}
+    if not flags:
+        return [Gate("generator_check", prefix + "*", ">=", 1.0, None)]
+    return [Gate(f"generator_check.{k[len(prefix):]}", k, ">=", 1.0, v) for k, v in sorted(flags.items())]
 
 
 def gates_reason(results: list[Gate], champion_version: str | None) -> str:

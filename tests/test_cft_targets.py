@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cxrcf.errors import CxrcfError
-from training.cft import aux_loss, cft_targets, lagrangian, update_lambda
+from training.cft import LagrangeMultiplier, aux_loss, cft_targets, lagrangian
 
 # Two images. Factual: (male, white, 40y, no finding) and (female, black, 70y, effusion).
 PARENTS = {"sex": torch.tensor([0.0, 1.0]), "race": torch.tensor([0, 2]),
@@ -79,15 +79,51 @@ def test_aux_loss_accepts_soft_targets():
     torch.testing.assert_close(total, 2 * ln2 + ln3)
 
 
-def test_lambda_rises_while_the_constraint_is_violated_and_stays_non_negative():
-    eps, lr = 2.0, 0.1
-    lam = 0.0
+def test_lambda_moves_by_about_lr_per_step_whatever_the_gap_like_the_references_adam():
+    # Adam's first step is lr * sign(grad): with beta1 = beta2 = 0.9, m_hat = g and v_hat = g^2.
+    for gap in (0.01, 5.0):
+        lam = LagrangeMultiplier(lr=0.1, betas=(0.9, 0.9))
+        assert lam.step(f=2.0 + gap, eps=2.0) == pytest.approx(0.1, rel=1e-6)
+    # Second step by hand, grads 0.01 then 0.03: m = 0.009 + 0.003 = 0.0039 -> m_hat = 0.0039 / 0.19;
+    # v = 0.9 * 1e-5 + 0.1 * 9e-4 = 9.9e-5 -> v_hat = 9.9e-5 / 0.19; step = 0.1 * m_hat / sqrt(v_hat).
+    lam = LagrangeMultiplier(lr=0.1, betas=(0.9, 0.9))
+    lam.step(2.01, 2.0)
+    m_hat, v_hat = 0.0039 / 0.19, 9.9e-5 / 0.19
+    assert lam.step(2.03, 2.0) == pytest.approx(0.1 + 0.1 * m_hat / (v_hat ** 0.5 + 1e-8), rel=1e-6)
+
+
+def test_lambda_stays_non_negative_and_its_state_survives_a_restart():
+    lam = LagrangeMultiplier(lr=0.1)
     for _ in range(5):
-        lam = update_lambda(lam, f=2.5, eps=eps, lr=lr)  # F above eps: violated
-    assert lam == pytest.approx(0.25)
-    for _ in range(10):
-        lam = update_lambda(lam, f=1.0, eps=eps, lr=lr)  # satisfied: lam falls back to the clamp
-    assert lam == 0.0
+        lam.step(f=2.5, eps=2.0)  # violated: rises ~0.1 per step
+    assert lam.value == pytest.approx(0.5, rel=1e-6)
+    for _ in range(20):
+        lam.step(f=1.0, eps=2.0)  # satisfied: falls back to the clamp
+    assert lam.value == 0.0
+    resumed = LagrangeMultiplier(lr=0.1)
+    resumed.load(lam.state())
+    assert resumed.step(2.2, 2.0) == lam.step(2.2, 2.0)
+
+
+def test_the_age_head_sees_the_counterfactual_finding_label_in_cft():
+    from cxrcf.config import PredictorArch
+    from cxrcf.predictor import Predictor
+
+    torch.manual_seed(0)
+    pred = Predictor(PredictorArch(kind="cnn", resolution=32, width=8)).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        own = pred(x)["age_loc"]
+        fed0 = pred(x, finding=torch.tensor([0.0, 0.0]))["age_loc"]
+        fed1 = pred(x, finding=torch.tensor([1.0, 1.0]))["age_loc"]
+    # the label enters the age head linearly: the age difference is the label's weight
+    w = pred.age_head.weight[0, -1]
+    torch.testing.assert_close(fed1 - fed0, w.expand(2).detach())
+    assert not torch.allclose(own, fed0) and not torch.allclose(own, fed1)
+    import inspect
+
+    from training.cft import CFTObjective
+    assert 'finding=star["finding"]' in inspect.getsource(CFTObjective.forward)
 
 
 def test_lagrangian_gradients():
@@ -99,4 +135,5 @@ def test_lagrangian_gradients():
     loss.backward()
     assert float(f.grad) == pytest.approx(8.0)
     # dL/dlam = F - eps > 0 here: ascent raises lam
-    assert update_lambda(3.0, 2.5, 2.0, 1.0) > 3.0
+    lam = LagrangeMultiplier(lr=1.0, init=3.0)
+    assert lam.step(2.5, 2.0) > 3.0

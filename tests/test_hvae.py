@@ -152,3 +152,72 @@ def test_no_nan_at_high_lr_with_clipping_and_skipping():
         opt.step()
     assert skipped < 20
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_free_bits_charge_each_latent_channel_a_floor_and_kl_stays_the_true_value():
+    torch.manual_seed(0)
+    model = HVAE(_arch("smoke"))
+    x = torch.rand(4, 1, 32, 32) * 2 - 1
+    ctx = torch.randn(4, 6)
+    plain = model(x, ctx, beta=2.0)
+    channels = model.decoder.n_stochastic * model.arch.z_dim
+    floor = 1e4  # far above any channel's KL at initialisation: every channel is charged the floor
+    torch.manual_seed(1)
+    fb = model(x, ctx, beta=2.0, free_bits=floor)
+    torch.manual_seed(1)
+    again = model(x, ctx, beta=2.0)
+    torch.testing.assert_close(fb["kl"], again["kl"])  # reported KL is the true one
+    torch.testing.assert_close(fb["loss"] - fb["nll"], torch.tensor(2.0 * floor * channels / x[0].numel()))
+    assert float(plain["loss"] - plain["nll"]) == pytest.approx(2.0 * float(plain["kl"]), rel=1e-5)
+
+
+def test_the_kl_weight_warms_up_from_beta_start_to_beta():
+    g = preset_params("smoke").generator
+    up = g.model_copy(update={"beta": 4.0, "beta_start": 0.0, "beta_warmup_steps": 100})
+    assert [up.beta_at(s) for s in (0, 49, 99, 500)] == pytest.approx([0.04, 2.0, 4.0, 4.0])
+    down = g.model_copy(update={"beta": 4.0, "beta_start": 40.0, "beta_warmup_steps": 10})
+    assert down.beta_at(0) == pytest.approx(36.4) and down.beta_at(9) == 4.0
+    assert g.model_copy(update={"beta": 4.0, "beta_warmup_steps": 0}).beta_at(0) == 4.0
+
+
+def test_the_pixel_scale_ceiling_bounds_the_decoders_scale():
+    torch.manual_seed(0)
+    capped = HVAE(_arch("smoke").model_copy(update={"pixel_scale_max": 0.05}))
+    with torch.no_grad():
+        capped.likelihood.bias[1] = 3.0  # a raw log-scale far above the ceiling
+        _, logscale = capped.decode(capped.abduct(torch.zeros(2, 1, 32, 32), torch.zeros(2, 6)), torch.zeros(2, 6))
+    assert float(logscale.max()) == pytest.approx(float(torch.log(torch.tensor(0.05))), abs=1e-6)
+
+
+def test_the_parent_template_adds_a_linear_map_of_the_parents_to_the_pixel_mean():
+    torch.manual_seed(0)
+    plain = HVAE(_arch("smoke"))
+    with_t = HVAE(_arch("smoke").model_copy(update={"parent_template": ("age", "race", "sex", "finding")}))
+    with_t.load_state_dict(plain.state_dict(), strict=False)  # the same network, a zero template
+    x, ctx = _images(3, 32), _ctx(3)
+    latents = plain.abduct(x, ctx, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(with_t.decode(latents, ctx)[0], plain.decode(latents, ctx)[0])
+    with torch.no_grad():
+        with_t.template[4].fill_(0.25)  # the sex column: +0.25 everywhere for sex = 1
+    star = ctx.clone()
+    star[:, 4] = 1 - star[:, 4]
+    delta = with_t.decode(latents, star)[0] - with_t.decode(latents, ctx)[0]
+    plain_delta = plain.decode(latents, star)[0] - plain.decode(latents, ctx)[0]
+    sign = (star[:, 4] - ctx[:, 4]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(delta - plain_delta, (0.25 * sign).expand_as(delta), atol=1e-5, rtol=0)
+
+
+def test_the_fitted_template_recovers_an_additive_parent_effect():
+    from cxrcf.hvae import fit_parent_template
+
+    g = torch.Generator().manual_seed(0)
+    ctx = _ctx(400, seed=3)
+    shadow = torch.zeros(1, 32, 32)
+    shadow[:, 20:26, 4:12] = 0.3  # a blob present only when sex (column 4) = 1
+    x = 0.1 * torch.randn(400, 1, 32, 32, generator=g) + ctx[:, 4].view(-1, 1, 1, 1) * shadow - 0.2
+    t = fit_parent_template(x, ctx, ("sex",))
+    assert t.shape == (6, 1, 32, 32)
+    torch.testing.assert_close(t[4], shadow, atol=0.05, rtol=0)
+    assert t[[0, 1, 2, 3, 5]].abs().max() == 0  # parents outside the template stay zero
+    model = HVAE(_arch("smoke").model_copy(update={"parent_template": ("sex",), "zero_parent_init": True}))
+    assert all(float(b.z_proj_pa.weight.abs().max()) == 0 for b in model.decoder.blocks)

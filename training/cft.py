@@ -10,6 +10,7 @@ multiplier rises by gradient ascent while the constraint is violated.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import torch
@@ -73,9 +74,37 @@ def lagrangian(aux: torch.Tensor, f: torch.Tensor, eps: float, lam: float, dampi
     return aux - (lam - damping * gap.detach()) * gap
 
 
-def update_lambda(lam: float, f: float, eps: float, lr: float) -> float:
-    """One gradient-ascent step on lam (dL/dlam = F - eps), clamped at 0."""
-    return max(0.0, lam + lr * (f - eps))
+class LagrangeMultiplier:
+    """The multiplier lam >= 0, ascended by Adam as the reference does (AdamW(maximize=True), no weight decay).
+
+    Adam normalises the step, so lam moves by about `lr` per step whatever the size of F - eps; a plain
+    `lam += lr * (F - eps)` moves ~100x slower at |F - eps| ~ 0.01 nats/pixel and leaves CFT unconstrained.
+    """
+
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.9), init: float = 0.0, eps: float = 1e-8):
+        self.lr, self.betas, self.adam_eps = lr, betas, eps
+        self.value, self.m, self.v, self.t = float(init), 0.0, 0.0, 0
+
+    def step(self, f: float, eps: float) -> float:
+        """One ascent step on dL/dlam = F - eps, then the clamp at 0; returns the new lam."""
+        b1, b2 = self.betas
+        grad = f - eps
+        self.t += 1
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
+        m_hat = self.m / (1 - b1 ** self.t)
+        v_hat = self.v / (1 - b2 ** self.t)
+        self.value = max(0.0, self.value + self.lr * m_hat / (math.sqrt(v_hat) + self.adam_eps))
+        return self.value
+
+    def state(self) -> dict[str, float]:
+        return {"lam": self.value, "lam_adam_m": self.m, "lam_adam_v": self.v, "lam_adam_t": float(self.t)}
+
+    def load(self, state: dict) -> None:
+        self.value = float(state.get("lam", self.value))
+        self.m = float(state.get("lam_adam_m", self.m))
+        self.v = float(state.get("lam_adam_v", self.v))
+        self.t = int(state.get("lam_adam_t", self.t))
 
 
 # ------------------------------------------------------------------------------------ objective
@@ -88,8 +117,9 @@ class CFTObjective(nn.Module):
         from cxrcf.scm import AttributeSCM
 
         self.mode, self.beta, self.eps = mode, beta, eps
-        self.damping, self.lambda_lr, self.t_u = cft_cfg.damping, cft_cfg.lambda_lr, cft_cfg.t_u
-        self.lam = cft_cfg.lambda_init
+        self.damping, self.t_u = cft_cfg.damping, cft_cfg.t_u
+        # the reference gives the multiplier's Adam the generator's betas
+        self.lam = LagrangeMultiplier(cft_cfg.lambda_lr, cft_cfg.optim.betas, cft_cfg.lambda_init)
         self.model = HVAE(hvae_arch)
         self.model.load_state_dict(hvae_state)
         self.predictor = Predictor(pred_arch)
@@ -120,9 +150,12 @@ class CFTObjective(nn.Module):
             with torch.no_grad():
                 probs = self.predictor.predict(x)
         targets = cft_targets(self.mode, k, parents, star, probs)
-        aux, parts = aux_loss(self.predictor(x_star), targets)
+        # The age head is fed the counterfactual finding label (reference `predict_unnorm(**cfs)`), not
+        # the predictor's own finding on x*: that would add a path from the always-hard age target
+        # into finding evidence.
+        aux, parts = aux_loss(self.predictor(x_star, finding=star["finding"].float()), targets)
         f = elbo["loss"]
-        loss = lagrangian(aux, f, self.eps, self.lam, self.damping)
+        loss = lagrangian(aux, f, self.eps, self.lam.value, self.damping)
         out = {"loss": loss, "aux": aux.detach(), "F": f.detach()}
         out.update({f"aux_{a}": v.detach() for a, v in parts.items()})
         out.update({f"k_{a}": torch.tensor(float(a == k), device=x.device) for a in CFT_PARENTS})
@@ -130,17 +163,84 @@ class CFTObjective(nn.Module):
 
     def after_step(self, metrics: dict[str, float]) -> None:
         # metrics["F"] is already averaged over workers, so every rank holds the same lam.
-        self.lam = update_lambda(self.lam, metrics["F"], self.eps, self.lambda_lr)
+        self.lam.step(metrics["F"], self.eps)
 
     def extra_state(self) -> dict[str, float]:
-        return {"lam": self.lam}
+        return self.lam.state()
 
     def load_extra_state(self, state: dict) -> None:
-        self.lam = float(state.get("lam", self.lam))
+        self.lam.load(state)
 
 
 def build_objective(*args) -> CFTObjective:
     return CFTObjective(*args)
+
+
+# ----------------------------------------------------------------------- checkpoint selection
+SELECT_ATTRS = ("sex", "finding")
+
+
+def selection_score(auc: dict[str, float], target: dict[str, float]) -> float:
+    """Lower is better: the distance of each do(k) AUC to its target (the TRUE counterfactuals'), where
+    any overshoot costs 1 more than every undershoot, so a checkpoint that paints past the truth is
+    chosen only if no checkpoint stays at or below it (overshoot is a defect, not a success)."""
+    score = 0.0
+    for k, want in target.items():
+        got = auc[k]
+        score += (want - got) if got <= want else 1.0 + (got - want)
+    return score
+
+
+def flip_aucs(hvae, predictor, x, parents, generator=None) -> dict[str, float]:
+    """AUC of the predictor for the flipped value of sex and of finding on x* (t_u = 1, one abduction)."""
+    from cxrcf.counterfactual import counterfactuals_shared
+    from pipelines.metrics import roc_auc
+
+    stars = {k: {**parents, k: 1.0 - parents[k].float()} for k in SELECT_ATTRS}
+    outs = counterfactuals_shared(hvae, x, context(parents), [context(stars[k]) for k in SELECT_ATTRS],
+                                  (1.0,), generator=generator)
+    return {k: roc_auc(predictor.predict(o[0])[k].float().cpu().numpy(), stars[k][k].cpu().numpy())
+            for k, o in zip(SELECT_ATTRS, outs)}
+
+
+def truth_targets(data_root, resolution: int, guidance, n: int) -> dict[str, float] | None:
+    """The guidance predictor's flip AUC on the TRUE counterfactuals of the first n validation images
+    (SynthCXR); None on data without recorded exogenous noise."""
+    from cxrcf.data import load_split, to_model_images
+    from cxrcf.synth import render_counterfactuals
+    from pipelines.metrics import roc_auc
+
+    if not (Path(data_root) / "exogenous.csv").is_file():
+        return None
+    split = load_split(data_root, "val", resolution)
+    frame = split.frame.iloc[:n]
+    out = {}
+    with torch.no_grad():
+        for k in SELECT_ATTRS:
+            flipped = 1 - split.parents[k][:n].cpu().numpy()
+            truth = to_model_images(render_counterfactuals(frame, {k: flipped}), resolution)
+            out[k] = roc_auc(guidance.predict(truth)[k].float().numpy(), flipped)
+    return out
+
+
+def validate_cft(model, x, parents, device, beta, pred_arch, pred_state, targets, n: int) -> dict[str, float]:
+    """The ELBO validation plus the slim effectiveness evaluation that picks the exported checkpoint:
+    flips of sex and finding on the first n validation images, scored by the guidance predictor (the
+    evaluation predictor stays out of model selection) against the truth's AUC under the same predictor."""
+    from cxrcf.predictor import Predictor
+    from training.generator import validate_hvae
+
+    out = validate_hvae(model, x, parents, device, beta)
+    predictor = Predictor(pred_arch).to(device)
+    predictor.load_state_dict(pred_state)
+    predictor.eval()
+    xs = x[:n].to(device)
+    ps = {k: v[:n].to(device) for k, v in parents.items()}
+    gen = torch.Generator(device=device).manual_seed(0)
+    auc = flip_aucs(model, predictor, xs, ps, generator=gen)
+    out.update({f"auc_{k}": v for k, v in auc.items()})
+    out["selection"] = selection_score(auc, targets)
+    return out
 
 
 # ---------------------------------------------------------------------------------------- phase
@@ -190,14 +290,27 @@ def train_cft(params, data_root, generator_dir, guidance_dir, scm_dir, out_dir, 
     build = functools.partial(build_objective, mode, hvae.arch, cpu_state(hvae), guidance.arch, cpu_state(guidance),
                               scm.cfg, cpu_state(scm), beta, eps, cft)
     phase = f"cft_{mode}"
-    task = Task(name=phase, optim=cft.optim, build=build, data=loader(data_root, hvae.arch.resolution),
-                validate=functools.partial(validate_hvae, beta=beta))
+    targets = dict(cft.target_auc) if cft.target_auc else truth_targets(data_root, hvae.arch.resolution, guidance,
+                                                                         cft.select_images)
+    if targets:
+        print(f"[{phase}] exported checkpoint: do(k) AUC closest to and not above "
+              + ", ".join(f"{k} {v:.3f}" for k, v in targets.items())
+              + (" (cft.target_auc)" if cft.target_auc else " (true counterfactuals, guidance predictor)"), flush=True)
+        validate = functools.partial(validate_cft, beta=beta, pred_arch=guidance.arch, pred_state=cpu_state(guidance),
+                                     targets=targets, n=cft.select_images)
+        task = Task(name=phase, optim=cft.optim, build=build, data=loader(data_root, hvae.arch.resolution),
+                    validate=validate, select="selection")
+    else:
+        print(f"[{phase}] no true counterfactuals and no cft.target_auc: exporting the last EMA weights", flush=True)
+        task = Task(name=phase, optim=cft.optim, build=build, data=loader(data_root, hvae.arch.resolution),
+                    validate=functools.partial(validate_hvae, beta=beta))
     extra = {"cft.mode": mode, "cft.eps": eps, "cft.eps_pretrained": eps_pretrained, "cft.slack_used": slack,
              "cft.seed_used": cft.optim.seed, "lineage.generator": str(generator_dir),
              "lineage.guidance": str(guidance_dir), "lineage.scm": str(scm_dir)}
     result, run_id = run_fit(params, phase, [task], extra_params=extra)
     metrics = dict(result.metrics[phase])
     metrics.update({"eps": eps, "eps_pretrained": eps_pretrained, "slack": slack})
+    metrics.update({f"target_auc_{k}": v for k, v in (targets or {}).items()})
     hvae.load_state_dict(result.weights[phase])
     meta = {"preset": params.preset, "mode": mode, "slack": slack, "seed": cft.optim.seed, "eps": eps}
     out_dir = write_model(hvae, out_dir, run_id, metrics, meta=meta)

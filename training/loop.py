@@ -5,7 +5,8 @@ A phase supplies `Task`s. Each task's `build()` returns an *objective*: an `nn.M
 `forward(x, parents, rng)` returns a dict of scalar tensors including `loss`. Wrapping the whole
 objective in DDP (not just `.model`) lets phases such as CFT call any method of the model
 (abduct, decode) while DDP still synchronises the gradients. Optional objective hooks:
-`after_step(metrics)` (sees metrics averaged over workers, e.g. the Lagrange multiplier update),
+`before_step(step)` (step-dependent schedules), `after_step(metrics)` (sees metrics averaged over
+workers, e.g. the Lagrange multiplier update; called only when the update was applied),
 `extra_state()` / `load_extra_state(d)` (JSON scalars that must survive a restart).
 
 Several tasks can share one fit (the predictors phase trains two networks) so the workers start once.
@@ -365,6 +366,7 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
     batcher.skip(start)
     skipped = resume.get("skipped", 0) if resume else 0
     best = resume.get("best") if resume else None
+    best_step = resume.get("best_step") if resume else None
     best_state = load_tensors(ckpt_dir / "best.safetensors") if (resume and best is not None) else None
     val_metrics: dict[str, float] = dict(resume.get("val", {})) if resume else {}
 
@@ -382,7 +384,7 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
     last: dict[str, float] = {}
 
     def validate() -> None:
-        nonlocal best, best_state
+        nonlocal best, best_state, best_step
         if task.validate is None or rank != 0:
             return
         x_val, p_val = data(task, "val")
@@ -394,7 +396,7 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
         if task.select is not None:
             value = res[task.select]
             if best is None or value < best:
-                best, best_state = value, cpu_state(ema.model)
+                best, best_state, best_step = value, cpu_state(ema.model), step
         say(f"[{task.name}] validation at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in res.items()))
 
     def checkpoint(step_done: int) -> None:
@@ -406,7 +408,8 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
                 save_tensors(best_state, directory / "best.safetensors")
             groups = optimizer_to_files(opt, directory)
             _write_finals(directory, finished_weights)
-            state = {"task": index, "step": step_done, "skipped": skipped, "best": best, "val": val_metrics,
+            state = {"task": index, "step": step_done, "skipped": skipped, "best": best, "best_step": best_step,
+                     "val": val_metrics,
                      "ema_updates": ema.updates,
                      "optimizer": groups, "finished": finished_metrics,
                      "extra": objective.extra_state() if hasattr(objective, "extra_state") else {}}
@@ -436,6 +439,8 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
         for group in opt.param_groups:
             group["lr"] = warmup_lr(optim, step)
         rng = step_rng(optim.seed, step, rank, device)
+        if hasattr(objective, "before_step"):
+            objective.before_step(step)  # schedules (e.g. the KL weight) follow the step, also on resume
         with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=use_amp):
             out = wrapped(x, parents, rng)
         grad_norm, applied = optimizer_step(out["loss"], opt, params, optim, scaler)
@@ -446,10 +451,12 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
         keys = list(out)
         averaged = _average([float(out[k].detach()) for k in keys], world)
         last = dict(zip(keys, averaged))
-        if hasattr(objective, "after_step"):
+        # A skipped update leaves the objective's own state alone too (the reference steps its
+        # Lagrange multiplier only with an applied generator update).
+        if applied and hasattr(objective, "after_step"):
             objective.after_step(last)
-            if hasattr(objective, "extra_state"):
-                last.update(objective.extra_state())
+        if hasattr(objective, "extra_state"):
+            last.update(objective.extra_state())
         last["grad_norm"] = float(grad_norm)
         step += 1
         dt = time.perf_counter() - t0
@@ -477,6 +484,7 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
     metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
     if task.select is not None and best is not None:
         metrics[f"best_{task.select}"] = best
+        metrics["best_step"] = float(best_step)
     metrics.update({"steps": float(optim.steps), "skipped_updates": float(skipped), "resumed_step": float(start),
                     "images_per_s": timed_images / train_time if train_time > 0 else float("nan"),
                     "wall_s": time.perf_counter() - t_task})
@@ -491,7 +499,11 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        address = os.environ.get("RAY_ADDRESS")
+        # A cluster started here runs the dashboard on loopback: Ray Train's placement-group cleaner polls
+        # the State API through it and otherwise logs a warning on every poll.
+        local = {} if address else {"include_dashboard": True, "dashboard_host": "127.0.0.1"}
+        ray.init(address=address, **local)
 
 
 def _check_resources(ray_cfg: RayConfig) -> None:
