@@ -225,14 +225,19 @@ def evidence(attrs: Mapping[str, np.ndarray], exo: Mapping[str, np.ndarray]) -> 
     return {k: out[k] for k in EVIDENCE_COLUMNS}
 
 
+def _record_columns(frame, what: str) -> dict[str, np.ndarray]:
+    """The attribute and exogenous columns of metadata rows a true counterfactual needs, as arrays."""
+    needed = EXOGENOUS_COLUMNS + ("sex", "race", "age", "finding")
+    missing = [k for k in needed if not _has(frame, k)]
+    if missing:
+        raise CxrcfError(f"{what}: missing column(s) {', '.join(missing)} "
+                         "(join metadata.csv with exogenous.csv of a SynthCXR dataset)")
+    return {k: np.asarray(frame[k]) for k in needed}
+
+
 def counterfactual_evidence(frame, do_values: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Evidence of the TRUE counterfactuals of metadata rows joined with their exogenous noise."""
-    cols = {k: np.asarray(frame[k]) for k in list(EXOGENOUS_COLUMNS) + ["sex", "race", "age", "finding"]
-            if _has(frame, k)}
-    missing = [k for k in EXOGENOUS_COLUMNS + ("sex", "race", "age", "finding") if k not in cols]
-    if missing:
-        raise CxrcfError(f"counterfactual evidence: missing column(s) {', '.join(missing)} "
-                         "(join metadata.csv with exogenous.csv of a SynthCXR dataset)")
+    cols = _record_columns(frame, "counterfactual evidence")
     return evidence(counterfactual_attributes(cols, do_values), cols)
 
 
@@ -434,12 +439,7 @@ def counterfactual_attributes(frame, do_values: Mapping[str, np.ndarray]) -> dic
 
 def render_counterfactuals(frame, do_values: Mapping[str, np.ndarray], resolution: int | None = None) -> np.ndarray:
     """TRUE counterfactual images (N, R, R) uint8 of metadata rows joined with their exogenous noise."""
-    cols = {k: np.asarray(frame[k]) for k in list(EXOGENOUS_COLUMNS) + ["sex", "race", "age", "finding"]
-            if _has(frame, k)}
-    missing = [k for k in EXOGENOUS_COLUMNS + ("sex", "race", "age", "finding") if k not in cols]
-    if missing:
-        raise CxrcfError(f"counterfactual record: missing column(s) {', '.join(missing)} "
-                         "(join metadata.csv with exogenous.csv of a SynthCXR dataset)")
+    cols = _record_columns(frame, "counterfactual record")
     res = int(resolution or _resolution_of(frame))
     attrs = counterfactual_attributes(cols, do_values)
     return render(attrs, cols, res)

@@ -78,11 +78,8 @@ _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "CXRCF_MLFLOW_ARTIFACTS")
 
 # ------------------------------------------------------------------------------------- helpers
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _sha256_dir(directory: Path) -> str:

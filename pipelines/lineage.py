@@ -20,11 +20,8 @@ PARENT_PREFIX = "lineage.parent."
 
 
 def _file_md5(path: Path) -> str:
-    digest = hashlib.md5()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "md5").hexdigest()
 
 
 def dataset_hash(root: str | Path) -> str:
