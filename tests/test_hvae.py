@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -89,6 +91,18 @@ def test_discretized_gaussian_is_a_distribution_over_256_levels():
         assert torch.isfinite(nll).all()
         mass = torch.exp(-nll).sum()  # one pixel per image: per-image NLL is that pixel's -log p
         assert abs(mass.item() - 1.0) < 1e-3, (loc, logscale, mass)
+
+
+def test_discretized_gaussian_keeps_a_gradient_far_from_the_mean():
+    # 20 scales out the bin mass is ~1e-90: a floored log-mass would be flat there and the mean never pulled back
+    x = torch.tensor([0.2]).view(1, 1, 1, 1)
+    loc = torch.tensor([-0.8]).view(1, 1, 1, 1).requires_grad_()
+    logscale = torch.full_like(x, math.log(0.05))
+    nll = discretized_gaussian_nll(x, loc, logscale)
+    nll.sum().backward()
+    z = 1.0 / 0.05
+    assert torch.isfinite(nll).all() and nll.item() > 0.5 * z * z * 0.9  # ~ z^2 / 2 nats, not a floor
+    assert loc.grad.item() < -0.9 * z / 0.05  # d/dloc of (x - loc)^2 / (2 s^2) = -(x - loc) / s^2
 
 
 def test_elbo_decreases_on_a_fixed_batch():
