@@ -402,7 +402,7 @@ def manifest_row(it: dict, rel: str, r: dict, model: dict, t_u: float, seed: int
 
 # --------------------------------------------------------------------------------------- model
 def load_generator(model_ref: str):
-    from pipelines.registry import load_bundle
+    from store.models import load_bundle
 
     return load_bundle(model_ref)[0]
 
@@ -410,7 +410,7 @@ def load_generator(model_ref: str):
 def resolve_model(model_uri: str) -> tuple[str, dict, int]:
     """(reference every actor loads, {name, version}, resolution); a registry alias is pinned to its
     version now, so that an alias moved mid-job cannot mix two models in one output."""
-    from pipelines.registry import load_bundle
+    from store.models import load_bundle
 
     bundle, info = load_bundle(model_uri)
     if Path(model_uri).is_dir():
@@ -618,7 +618,7 @@ def _execute(pending, folder, model_ref, model, resolution, t_u, seed, cfg, bar)
         rows = [{"chunk": c.index, "items": _items_payload(c), "seed": chunk_seed(seed, c)} for c in pending]
         env = {k: os.environ[k] for k in _MLFLOW_ENV if k in os.environ}
         if model_ref.startswith("models:/") and "MLFLOW_TRACKING_URI" not in env:
-            from training.tracking import tracking_uri
+            from store.tracking import tracking_uri
 
             env["MLFLOW_TRACKING_URI"] = tracking_uri()
         use_gpu = cfg.num_gpus_per_actor > 0

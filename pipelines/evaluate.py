@@ -31,7 +31,7 @@ from pathlib import Path
 
 from cxrcf.errors import CxrcfError
 from pipelines.generator_check import run_check
-from training.common import read_run_id
+from store.runs import read_run_id
 
 INTERVENTIONS = ("sex", "race", "finding", "age")
 SCORED = ("sex", "race", "finding")  # attributes with a factual class, hence a log-odds
@@ -71,7 +71,7 @@ def load_components(generator: str | Path, scm_dir, predictor_dir) -> tuple:
     """
     generator = str(generator)
     if generator.startswith(("models:/", "runs:/")):
-        from pipelines.registry import load_bundle
+        from store.models import load_bundle
 
         bundle, info = load_bundle(generator)
         scm = _load_dir(scm_dir, "scm", "--scm") if scm_dir else bundle.scm

@@ -104,6 +104,7 @@ def _write(path: str | None, obj) -> None:
 def _run(args) -> int:
     from cxrcf.config import load_params
     from pipelines import registry
+    from store import models
 
     params = load_params(args.params)
     if args.command == "register":
@@ -159,9 +160,9 @@ def _run(args) -> int:
         return 0
     if args.command == "list":
         print(f"{name} ({registry.connect().tracking_uri})")
-        print(format_table(registry.list_versions(name)))
+        print(format_table(models.list_versions(name)))
         return 0
-    info = registry.show_version(args.ref, default_name=params.registry.generator_name)
+    info = models.show_version(args.ref, default_name=params.registry.generator_name)
     print(f"{info['name']} version {info['version']}  aliases: {', '.join(info['aliases']) or '-'}  "
           f"run: {info['run_id']}  source: {info['source']}")
     rows = [{"key": k, "value": v} for k, v in info["tags"].items()]

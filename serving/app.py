@@ -132,7 +132,7 @@ class Loaded:
 def _load(source: ModelSource, version: str) -> Loaded:
     import torch
 
-    from pipelines.registry import load_bundle
+    from store.models import load_bundle
 
     uri = source.uri(version)
     bundle, info = load_bundle(uri)
@@ -235,7 +235,7 @@ class ModelSlot:
     """
 
     def __init__(self, source: ModelSource, policy: ServePolicy | None = None):
-        from pipelines.registry import resolve_alias
+        from store.models import resolve_alias
 
         self.source = source
         self.policy = policy or ServePolicy()

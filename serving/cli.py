@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
     name = args.model_name or params.registry.generator_name
     alias = None if args.version else (args.alias or cfg.model_alias)
 
-    from pipelines.registry import resolve_alias, show_version
+    from store.models import resolve_alias, show_version
 
     # Fail here, in one line, rather than in a replica constructor that Serve retries for minutes.
     version = args.version or resolve_alias(name, alias)

@@ -194,7 +194,7 @@ def selection_score(auc: dict[str, float], target: dict[str, float]) -> float:
 def flip_aucs(hvae, predictor, x, parents, generator=None) -> dict[str, float]:
     """AUC of the predictor for the flipped value of sex and of finding on x* (t_u = 1, one abduction)."""
     from cxrcf.counterfactual import counterfactuals_shared
-    from pipelines.metrics import roc_auc
+    from cxrcf.metrics import roc_auc
 
     stars = {k: {**parents, k: 1.0 - parents[k].float()} for k in SELECT_ATTRS}
     outs = counterfactuals_shared(hvae, x, context(parents), [context(stars[k]) for k in SELECT_ATTRS],
@@ -207,8 +207,8 @@ def truth_targets(data_root, resolution: int, guidance, n: int) -> dict[str, flo
     """The guidance predictor's flip AUC on the TRUE counterfactuals of the first n validation images
     (SynthCXR); None on data without recorded exogenous noise."""
     from cxrcf.data import load_split, to_model_images
+    from cxrcf.metrics import roc_auc
     from cxrcf.synth import render_counterfactuals
-    from pipelines.metrics import roc_auc
 
     if not (Path(data_root) / "exogenous.csv").is_file():
         return None

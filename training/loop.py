@@ -244,7 +244,7 @@ class _Tracker:
 
     def flush(self) -> None:
         if self.on and self.rows:
-            from training.tracking import log_metrics
+            from store.tracking import log_metrics
 
             log_metrics(self.cfg.run_id, self.rows, self.cfg.tracking_uri)
             self.rows = []
