@@ -302,6 +302,7 @@ class Counterfactualizer:
                 "errors": np.array(out["errors"], dtype=object), "cf": _stack(out["cf"])}
 
     def _one(self, items: list, pixels, errors: list, seed: int):
+        from cxrcf.batch import Edit, counterfactual_batch
         from cxrcf.bundle import parents_from_labels
         from cxrcf.data import from_model_images
 
@@ -312,17 +313,15 @@ class Counterfactualizer:
         x = model_images(pixels, self.bundle.resolution).to(self.device)
         parents = parents_from_labels([it["parents"] for it in items], device=self.device)
         do = intervention_codes(items[0]["intervention"])
-        before = self.bundle.probabilities(x)
-        images, cf_parents = self.bundle.counterfactuals(x, parents, [do], t_u=self.t_u, seed=seed,
-                                                         return_parents=True)
-        after = self.bundle.probabilities(images[0])
+        out = counterfactual_batch(self.bundle, x, parents, [Edit(range(len(items)), do, self.t_u)], seed=seed,
+                                   probabilities=True)
         rows = []
         for i, it in enumerate(items):
             if it["id"] in failed:
                 continue
-            rows.append({"index": i, "parents_after": _parents_row(cf_parents[0], i),
-                         "before": _probs_row(before, i), "after": _probs_row(after, i)})
-        return rows, from_model_images(images[0])
+            rows.append({"index": i, "parents_after": _parents_row(out.parents, i),
+                         "before": _probs_row(out.factual[i]), "after": _probs_row(out.probabilities[i])})
+        return rows, from_model_images(out.images)
 
 
 def _stack(arrays: list):
@@ -340,11 +339,11 @@ def _parents_row(p: dict, i: int) -> dict:
             for a in ATTRIBUTES}
 
 
-def _probs_row(p: dict, i: int) -> dict:
-    row = {"sex": round(float(p["sex"][i]), 6), "finding": round(float(p["finding"][i]), 6),
-           "age": round(float(p["age"][i]), 4)}
-    for k, name in enumerate(VOCAB["race"]):
-        row[f"race_{name}"] = round(float(p["race"][i][k]), 6)
+def _probs_row(p: dict) -> dict:
+    """A probability row of `cxrcf.batch.probability_rows` as the manifest's rounded, flat columns."""
+    row = {"sex": round(p["sex"], 6), "finding": round(p["finding"], 6), "age": round(p["age"], 4)}
+    for name in VOCAB["race"]:
+        row[f"race_{name}"] = round(p["race"][name], 6)
     return row
 
 

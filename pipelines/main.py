@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from cxrcf.config import MODEL_MODES as MODES
 from cxrcf.errors import CxrcfError
-
-MODES = ("none", "hard", "soft")
 
 
 def _dvc() -> list[str]:

@@ -23,7 +23,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cxrcf.config import MODEL_MODES
 from cxrcf.errors import CxrcfError
+from cxrcf.export import require_model_dir
 from cxrcf.fileio import read_json
 from pipelines.gates import check_gates, gates_reason, run_metrics
 from pipelines.registry_ledger import RegistryState, server_lock
@@ -44,7 +46,6 @@ from store.models import (
 from store.runs import read_run_id
 from store.tracking import ensure_experiment
 
-MODES = ("none", "hard", "soft")
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 GENERATOR_ARTIFACT = "generator"  # the logged model's name inside the registration run
 DESCRIPTION_LIMIT = 5000  # MLflow's SQL stores declare the version description as VARCHAR(5000)
@@ -477,8 +478,8 @@ def _generator_mode(generator_dir: Path, asked: str | None) -> str:
     from cxrcf.export import read_config
 
     recorded = (read_config(generator_dir).get("meta") or {}).get("mode")
-    if recorded is not None and recorded not in MODES:
-        raise CxrcfError(f"{generator_dir}: meta mode {recorded!r} is not one of {', '.join(MODES)}")
+    if recorded is not None and recorded not in MODEL_MODES:
+        raise CxrcfError(f"{generator_dir}: meta mode {recorded!r} is not one of {', '.join(MODEL_MODES)}")
     if asked is not None and recorded is not None and asked != recorded:
         raise CxrcfError(f"--mode {asked!r}: {generator_dir} was trained with mode {recorded!r} (its meta says so)")
     if asked is None and recorded is None:
@@ -492,13 +493,12 @@ def register(params, generator_dir, scm_dir, predictor_dir, guidance_dir, mode: 
 
     Returns {name, version, run_id, model_uri, predictors: {role: {name, version}}}.
     """
-    if mode is not None and mode not in MODES:
-        raise CxrcfError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode is not None and mode not in MODEL_MODES:
+        raise CxrcfError(f"--mode {mode!r}: expected one of {', '.join(MODEL_MODES)}")
     dirs = {"generator": Path(generator_dir), "scm": Path(scm_dir), "evaluation_predictor": Path(predictor_dir),
             "guidance_predictor": Path(guidance_dir)}
     for role, d in dirs.items():
-        if not d.is_dir():
-            raise CxrcfError(f"{d}: {role} model directory does not exist")
+        require_model_dir(d, role=f"{role} model")
     evaluation = _read_eval(Path(eval_json))
     metrics = flat_metrics(evaluation)
     figures = sorted(Path(figures_dir).glob("*.png")) if figures_dir else []

@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 
+from cxrcf.config import MODEL_MODES
 from cxrcf.errors import CxrcfError
 
 # MLflow retries a dead server for minutes by default; a CLI should say so within seconds.
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--scm", required=True, help="attribute SCM export directory")
     r.add_argument("--predictor", required=True, help="evaluation predictor export directory")
     r.add_argument("--guidance", required=True, help="guidance predictor export directory")
-    r.add_argument("--mode", choices=["none", "hard", "soft"],
+    r.add_argument("--mode", choices=MODEL_MODES,
                    help="CFT mode; default and check: the generator's own meta")
     r.add_argument("--eval", required=True, help="evaluation JSON of this generator (cxrcf evaluate)")
     r.add_argument("--figures", help="folder of PNG figures for the model card")

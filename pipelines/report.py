@@ -17,10 +17,10 @@ import shutil
 import time
 from pathlib import Path
 
+from cxrcf.config import MODEL_MODES as MODES
 from cxrcf.errors import CxrcfError
 from cxrcf.fileio import read_json
 
-MODES = ("none", "hard", "soft")
 ATTRS = ("sex", "race", "finding", "age")
 
 

@@ -60,9 +60,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxrcf.config import ServeConfig
 from cxrcf.errors import CxrcfError
-from serving import auth
-from serving.engine import Item, ItemResult, run_batch
-from serving.images import (
+from cxrcf.png import (
     ImageError,
     ImageTooLarge,
     check_size,
@@ -72,6 +70,8 @@ from serving.images import (
     peek_size,
     resize_gray,
 )
+from serving import auth
+from serving.engine import Item, ItemResult, run_batch
 from serving.policy import ServePolicy, reply_bytes
 from serving.schemas import (
     AliasState,

@@ -247,7 +247,8 @@ def test_saved_model_directory_holds_no_pickle(registered, parts):
 def test_promoted_champion_loads_and_matches_the_checkpoint(registered, parts):
     import mlflow
 
-    from pipelines.pyfunc_model import decode_png, encode_png, to_uint8
+    from cxrcf.data import from_model_images as to_uint8
+    from cxrcf.png import decode_png, encode_png
 
     out = parts.root / "promotion.json"
     assert promote_cli(parts, registered["name"], "--out", str(out)) == 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from cxrcf.config import MODES
+
 DEFAULTS = {
     "guidance": "artifacts/models/guidance_predictor",
     "evaluation": "artifacts/models/evaluation_predictor",
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = common(sub.add_parser("generator", help="HVAE pretraining"), "generator")
     p.add_argument("--out", default=DEFAULTS["generator"])
     p = sub.add_parser("cft", help="hard or soft counterfactual fine-tuning")
-    p.add_argument("--mode", required=True, choices=("hard", "soft"))
+    p.add_argument("--mode", required=True, choices=MODES)
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--data", default="data")
     p.add_argument("--generator", default=DEFAULTS["generator"])
