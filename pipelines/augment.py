@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Self
 
 from cxrcf.attributes import ATTRIBUTES, VOCAB, decode
+from cxrcf.cli import add_params
 from cxrcf.errors import CxrcfError
 from pipelines.augment_plan import (
     Chunk,
@@ -693,7 +694,7 @@ def _finish(folder, chunks, items, skipped, elapsed, model, t_u, seed, cfg, stre
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxrcf augment", description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    add_params(p)
     p.add_argument("--data", default=None, help="dataset root with metadata.csv (default: params data.root)")
     p.add_argument("--plan", required=True, help="augmentation plan YAML (kind: flip | balance | grid)")
     p.add_argument("--model", default=None,

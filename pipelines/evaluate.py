@@ -29,6 +29,7 @@ import math
 import time
 from pathlib import Path
 
+from cxrcf.cli import add_params
 from cxrcf.errors import CxrcfError
 from pipelines.generator_check import run_check
 from store.runs import read_run_id
@@ -490,7 +491,7 @@ def _fmt(v) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cxrcf evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
+    add_params(parser)
     parser.add_argument("--data", default=None, help="data root (default: params data.root)")
     parser.add_argument("--generator", required=True, help="HVAE export directory or models:/NAME@ALIAS URI")
     parser.add_argument("--scm", default=None, help="SCM export directory (optional with a models:/ URI)")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrcf.cli import add_params
+
 SPLIT_ROW_FRACTION = 0.5  # image rows at and below this fraction of the height are the "lower" half
 
 
@@ -115,7 +117,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--scm", required=True)
     p.add_argument("--predictor", required=True, help="evaluation predictor export directory")
     p.add_argument("--data", default=None)
-    p.add_argument("--params", default="params.yaml")
+    add_params(p)
     p.add_argument("--out", default="artifacts/study/occlusion.json")
     args = p.parse_args(argv)
 

@@ -27,6 +27,7 @@ import math
 import time
 from pathlib import Path
 
+from cxrcf.cli import add_params
 from cxrcf.config import MODES
 from cxrcf.errors import CxrcfError
 
@@ -377,7 +378,7 @@ def _fmt(v, spec: str = ".3f") -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cxrcf study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
+    add_params(parser)
     parser.add_argument("--data", default=None, help="data root (default: params data.root)")
     parser.add_argument("--generator", required=True, help="pretrained HVAE export directory")
     parser.add_argument("--guidance", required=True, help="guidance predictor export directory")

@@ -23,12 +23,13 @@ import socket
 import sys
 import time
 
+from cxrcf.cli import add_params
 from cxrcf.errors import CxrcfError
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxrcf serve", description="Serve counterfactuals over HTTP with Ray Serve.")
-    p.add_argument("--params", default="params.yaml", help="parameters file (default params.yaml)")
+    add_params(p)
     p.add_argument("--model-name", help="registered generator (default params.registry.generator_name)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--alias", help="alias to serve and follow (default params.serve.model_alias)")
@@ -105,7 +106,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from cxrcf.config import load_params
     from serving.auth import ENV_VAR, check_host, parse_keys
 
