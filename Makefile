@@ -37,7 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check cxrcf training serving pipelines benchmarks tests
+	$(BIN)/ruff check cxrcf store training serving pipelines benchmarks tests
 
 clean:
 	rm -rf artifacts mlruns.db mlartifacts .pytest_cache

@@ -7,7 +7,7 @@ Context vector (6 numbers, in this order): age, race one-hot (3), sex, finding.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 ATTRIBUTES: tuple[str, ...] = ("sex", "race", "age", "finding")
 BINARY = ("sex", "finding")

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cxrcf.attributes import AGE_MAX, AGE_MIN, ATTRIBUTES, context, encode, encode_parents
+from cxrcf.attributes import AGE_MAX, AGE_MIN, encode_parents
+from cxrcf.batch import Edit, counterfactual_batch
+from cxrcf.config import check_t_u
 from cxrcf.errors import CxrcfError
 from cxrcf.fileio import atomic_path, read_json
 
@@ -37,13 +39,6 @@ def parents_from_labels(rows: Sequence[Mapping[str, object]], device="cpu") -> d
         "age": torch.tensor([r["age"] for r in coded], dtype=torch.float32, device=device),
         "finding": torch.tensor([r["finding"] for r in coded], dtype=torch.float32, device=device),
     }
-
-
-def encode_intervention(intervention: Mapping[str, object]) -> dict[str, float | int]:
-    """Validate one intervention {attribute: label, code or age in years} -> {attribute: code}."""
-    if not isinstance(intervention, Mapping):
-        raise CxrcfError(f"intervention: expected a mapping of attribute to value, got {type(intervention).__name__}")
-    return {attr: encode(attr, value) for attr, value in intervention.items()}
 
 
 class GeneratorBundle:
@@ -137,11 +132,10 @@ class GeneratorBundle:
             "finding": (p["finding"] > 0.5).float(),
         }
 
-    @torch.no_grad()
     def counterfactuals(self, x: torch.Tensor, parents: Mapping[str, torch.Tensor] | None,
                         interventions: Sequence[Mapping[str, object]], t_u: float = 1.0, seed: int = 0,
                         particles: int = 1, return_parents: bool = False, batch_size: int | None = None):
-        """One counterfactual batch (N, 1, R, R) per intervention.
+        """One counterfactual batch (N, 1, R, R) per intervention (`cxrcf.batch.counterfactual_batch`).
 
         Each intervention maps attributes to values (label, code, or age in years); the SCM turns it
         into counterfactual parents (an age intervention updates finding), then all interventions go
@@ -149,39 +143,11 @@ class GeneratorBundle:
         for a given seed. `parents=None` uses `infer_parents(x)`. With `return_parents`, returns
         (images, list of counterfactual parents dicts).
         """
-        from cxrcf.counterfactual import counterfactual
-
         x = self._check_images(x)
         n = x.shape[0]
-        if not 0 < t_u <= 1:
-            raise CxrcfError(f"t_u: {t_u} must be in (0, 1]")
-        if particles < 1:
-            raise CxrcfError(f"particles: {particles} must be >= 1")
-        coded = [encode_intervention(i) for i in interventions]
-        if parents is None:
-            parents = self.infer_parents(x)
-        missing = [a for a in ATTRIBUTES if a not in parents]
-        if missing:
-            raise CxrcfError(f"parents: missing {', '.join(missing)}")
-        parents = {a: torch.as_tensor(parents[a], device=self.device) for a in ATTRIBUTES}
-        if any(v.shape != (n,) for v in parents.values()):
-            raise CxrcfError(f"parents: every attribute must have shape ({n},) to match x")
-        if not coded:
-            return ([], []) if return_parents else []
-
-        generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        cf_parents = [self.scm.counterfactual(parents, {a: torch.tensor(v) for a, v in do.items()}, generator)
-                      for do in coded]
-        ctx = context(parents).to(self.device)
-        ctx_star = torch.cat([context(p) for p in cf_parents]).to(self.device)
-        k = len(coded)
-        x_all = x.repeat(k, 1, 1, 1)
-        ctx_all = ctx.repeat(k, 1)
-        step = batch_size or x_all.shape[0]
-        out = torch.cat([
-            counterfactual(self.hvae, x_all[i:i + step], ctx_all[i:i + step], ctx_star[i:i + step],
-                           t_u=t_u, particles=particles, generator=generator)
-            for i in range(0, x_all.shape[0], step)
-        ])
-        images = list(out.split(n))
+        check_t_u(t_u)
+        edits = [Edit(range(n), do, t_u) for do in interventions]
+        out = counterfactual_batch(self, x, parents, edits, seed=seed, particles=particles, batch_size=batch_size)
+        images = out.split([n] * len(edits))
+        cf_parents = [{a: v[k * n:(k + 1) * n] for a, v in out.parents.items()} for k in range(len(edits))]
         return (images, cf_parents) if return_parents else images

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -18,6 +18,23 @@ from cxrcf.errors import CxrcfError
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ------------------------------------------------------------------------- types every room shares
+Mode = Literal["hard", "soft"]  # a counterfactual fine-tuning mode
+ModelMode = Literal["none", "hard", "soft"]  # what a generator is: the plain HVAE, or CFT-tuned in a mode
+MODES: tuple[str, ...] = get_args(Mode)
+MODEL_MODES: tuple[str, ...] = get_args(ModelMode)
+TU_RANGE = "(0, 1]"
+# t_u, the pixel-noise temperature of a counterfactual (SCIENCE.md section 3): one rule, (0, 1]
+TU = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+
+
+def check_t_u(value: float, where: str = "t_u") -> float:
+    """`value` as a t_u, or CxrcfError naming `where` (the same rule as the TU field type)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise CxrcfError(f"{where}: {value!r} must be in {TU_RANGE}")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -170,8 +187,8 @@ class CFTConfig(Strict):
     lambda_lr: float = Field(0.1, gt=0)
     lambda_init: float = Field(0.0, ge=0)
     slack: float = Field(0.0, ge=0)  # nats/pixel above the pretrained ELBO level eps
-    t_u: float = Field(1.0, gt=0, le=1)
-    modes: tuple[Literal["hard", "soft"], ...] = ("hard", "soft")
+    t_u: TU = 1.0
+    modes: tuple[Mode, ...] = MODES  # the modes `cxrcf study` sweeps
     # Early stopping at the truth's effectiveness: every optim.val_every steps the EMA weights are scored on
     # select_images validation images and the exported checkpoint is the one whose do(sex)/do(finding) AUC
     # is closest to, and not above, the true counterfactuals' (SynthCXR) or target_auc (real data).
@@ -194,8 +211,8 @@ class GeneratorCheckConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    t_u: float = Field(1.0, gt=0, le=1)
-    extra_t_u: tuple[float, ...] = (0.1,)  # reported beside t_u (SCIENCE.md section 8)
+    t_u: TU = 1.0
+    extra_t_u: tuple[TU, ...] = (0.1,)  # reported beside t_u (SCIENCE.md section 8)
     max_images: int = Field(2000, ge=1)
     reversibility_images: int = Field(500, ge=1)  # the first N evaluated images also go back to x
     batch_size: int = Field(128, ge=1)
@@ -231,7 +248,7 @@ class RegistryConfig(Strict):
     generator_name: str = "cxrcf-generator"
     guidance_predictor_name: str = "cxrcf-guidance-predictor"
     evaluation_predictor_name: str = "cxrcf-evaluation-predictor"
-    promote_mode: Literal["hard", "soft"] = "soft"
+    promote_mode: Mode = "soft"
     gates: GatesConfig = GatesConfig()
 
 
@@ -289,7 +306,7 @@ class AugmentConfig(Strict):
     num_actors: int = Field(1, ge=1)
     num_cpus_per_actor: float = Field(0.5, gt=0)
     num_gpus_per_actor: float = Field(0.0, ge=0)
-    t_u: float = Field(1.0, gt=0, le=1)
+    t_u: TU = 1.0
     seed: int = 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from cxrcf.config import check_t_u
 from cxrcf.errors import CxrcfError
 
 
@@ -30,8 +31,7 @@ def counterfactual(hvae, x: torch.Tensor, ctx: torch.Tensor, ctx_star: torch.Ten
     """
     if particles < 1:
         raise CxrcfError(f"particles: must be at least 1, got {particles}")
-    if t_u < 0:
-        raise CxrcfError(f"t_u: must be non-negative, got {t_u}")
+    check_t_u(t_u)
     if ctx_star.shape != ctx.shape:
         raise CxrcfError(f"ctx_star: shape {tuple(ctx_star.shape)} differs from ctx {tuple(ctx.shape)}")
     n = x.shape[0]
@@ -64,8 +64,8 @@ def counterfactuals_shared(hvae, x: torch.Tensor, ctx: torch.Tensor, ctx_stars: 
     given the same abducted latents. Sharing the abduction makes evaluation several times cheaper and
     compares interventions and t_u values on the same exogenous noise of each image.
     """
-    if any(t < 0 for t in t_us):
-        raise CxrcfError(f"t_u: must be non-negative, got {list(t_us)}")
+    for t in t_us:
+        check_t_u(t)
     latents, (loc, logscale) = hvae.abduct_with_pixels(x, ctx, generator=generator)
     u = _noise(x, loc, logscale)
     out = []

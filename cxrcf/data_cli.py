@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cxrcf.cli import add_params
 from cxrcf.errors import CxrcfError
 
 AGE_BANDS = ((18, 40), (40, 60), (60, 75), (75, 121))
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxrcf data", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("synth", help="generate the SynthCXR dataset (defaults from params.yaml data.synth)")
-    s.add_argument("--params", default="params.yaml")
+    add_params(s)
     s.add_argument("--out", default=None, help="dataset folder (default: params data.root)")
     s.add_argument("--n", type=int, default=None, help="number of images")
     s.add_argument("--resolution", type=int, default=None)
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     return {"synth": _synth, "import-mimic": _mimic, "import-chexpert": _chexpert,
             "validate": _validate, "summary": _summary}[args.command](args)
 

@@ -58,12 +58,18 @@ def save_model(model, directory: str | Path, meta: dict | None = None) -> Path:
     return directory
 
 
+def require_model_dir(directory: str | Path, flag: str | None = None, role: str = "model") -> Path:
+    """`directory` as a Path, or the one "model directory does not exist" error (naming `flag`, if any)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CxrcfError(f"{flag + ' ' if flag else ''}{directory}: {role} directory does not exist")
+    return directory
+
+
 def read_config(directory: str | Path) -> dict:
     """The parsed `config.json` of an export directory (validated shape)."""
-    directory = Path(directory)
+    directory = require_model_dir(directory)
     path = directory / CONFIG_FILE
-    if not directory.is_dir():
-        raise CxrcfError(f"{directory}: model directory does not exist")
     if not path.is_file():
         raise CxrcfError(f"{directory}: missing {CONFIG_FILE}; not an exported model")
     config = read_json(path)

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Self
 
 from cxrcf.attributes import ATTRIBUTES, VOCAB, decode
+from cxrcf.cli import add_params
 from cxrcf.errors import CxrcfError
 from pipelines.augment_plan import (
     Chunk,
@@ -302,6 +303,7 @@ class Counterfactualizer:
                 "errors": np.array(out["errors"], dtype=object), "cf": _stack(out["cf"])}
 
     def _one(self, items: list, pixels, errors: list, seed: int):
+        from cxrcf.batch import Edit, counterfactual_batch
         from cxrcf.bundle import parents_from_labels
         from cxrcf.data import from_model_images
 
@@ -312,17 +314,15 @@ class Counterfactualizer:
         x = model_images(pixels, self.bundle.resolution).to(self.device)
         parents = parents_from_labels([it["parents"] for it in items], device=self.device)
         do = intervention_codes(items[0]["intervention"])
-        before = self.bundle.probabilities(x)
-        images, cf_parents = self.bundle.counterfactuals(x, parents, [do], t_u=self.t_u, seed=seed,
-                                                         return_parents=True)
-        after = self.bundle.probabilities(images[0])
+        out = counterfactual_batch(self.bundle, x, parents, [Edit(range(len(items)), do, self.t_u)], seed=seed,
+                                   probabilities=True)
         rows = []
         for i, it in enumerate(items):
             if it["id"] in failed:
                 continue
-            rows.append({"index": i, "parents_after": _parents_row(cf_parents[0], i),
-                         "before": _probs_row(before, i), "after": _probs_row(after, i)})
-        return rows, from_model_images(images[0])
+            rows.append({"index": i, "parents_after": _parents_row(out.parents, i),
+                         "before": _probs_row(out.factual[i]), "after": _probs_row(out.probabilities[i])})
+        return rows, from_model_images(out.images)
 
 
 def _stack(arrays: list):
@@ -340,11 +340,11 @@ def _parents_row(p: dict, i: int) -> dict:
             for a in ATTRIBUTES}
 
 
-def _probs_row(p: dict, i: int) -> dict:
-    row = {"sex": round(float(p["sex"][i]), 6), "finding": round(float(p["finding"][i]), 6),
-           "age": round(float(p["age"][i]), 4)}
-    for k, name in enumerate(VOCAB["race"]):
-        row[f"race_{name}"] = round(float(p["race"][i][k]), 6)
+def _probs_row(p: dict) -> dict:
+    """A probability row of `cxrcf.batch.probability_rows` as the manifest's rounded, flat columns."""
+    row = {"sex": round(p["sex"], 6), "finding": round(p["finding"], 6), "age": round(p["age"], 4)}
+    for name in VOCAB["race"]:
+        row[f"race_{name}"] = round(p["race"][name], 6)
     return row
 
 
@@ -402,7 +402,7 @@ def manifest_row(it: dict, rel: str, r: dict, model: dict, t_u: float, seed: int
 
 # --------------------------------------------------------------------------------------- model
 def load_generator(model_ref: str):
-    from pipelines.registry import load_bundle
+    from store.models import load_bundle
 
     return load_bundle(model_ref)[0]
 
@@ -410,7 +410,7 @@ def load_generator(model_ref: str):
 def resolve_model(model_uri: str) -> tuple[str, dict, int]:
     """(reference every actor loads, {name, version}, resolution); a registry alias is pinned to its
     version now, so that an alias moved mid-job cannot mix two models in one output."""
-    from pipelines.registry import load_bundle
+    from store.models import load_bundle
 
     bundle, info = load_bundle(model_uri)
     if Path(model_uri).is_dir():
@@ -618,7 +618,7 @@ def _execute(pending, folder, model_ref, model, resolution, t_u, seed, cfg, bar)
         rows = [{"chunk": c.index, "items": _items_payload(c), "seed": chunk_seed(seed, c)} for c in pending]
         env = {k: os.environ[k] for k in _MLFLOW_ENV if k in os.environ}
         if model_ref.startswith("models:/") and "MLFLOW_TRACKING_URI" not in env:
-            from training.tracking import tracking_uri
+            from store.tracking import tracking_uri
 
             env["MLFLOW_TRACKING_URI"] = tracking_uri()
         use_gpu = cfg.num_gpus_per_actor > 0
@@ -694,7 +694,7 @@ def _finish(folder, chunks, items, skipped, elapsed, model, t_u, seed, cfg, stre
 # ------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxrcf augment", description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    add_params(p)
     p.add_argument("--data", default=None, help="dataset root with metadata.csv (default: params data.root)")
     p.add_argument("--plan", required=True, help="augmentation plan YAML (kind: flip | balance | grid)")
     p.add_argument("--model", default=None,

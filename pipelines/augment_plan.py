@@ -44,6 +44,7 @@ from pydantic import (
 )
 
 from cxrcf.attributes import ATTRIBUTES, VOCAB, decode, encode
+from cxrcf.config import TU
 from cxrcf.errors import CxrcfError
 
 Split = Literal["train", "val", "test"]
@@ -55,7 +56,7 @@ class _Plan(BaseModel):
 
     splits: tuple[Split, ...] | None = None
     max_sources: int | None = Field(None, ge=1)
-    t_u: float | None = Field(None, gt=0, le=1)
+    t_u: TU | None = None
     seed: int | None = None
 
 

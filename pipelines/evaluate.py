@@ -29,9 +29,10 @@ import math
 import time
 from pathlib import Path
 
+from cxrcf.cli import add_params
 from cxrcf.errors import CxrcfError
 from pipelines.generator_check import run_check
-from training.common import read_run_id
+from store.runs import read_run_id
 
 INTERVENTIONS = ("sex", "race", "finding", "age")
 SCORED = ("sex", "race", "finding")  # attributes with a factual class, hence a log-odds
@@ -71,7 +72,7 @@ def load_components(generator: str | Path, scm_dir, predictor_dir) -> tuple:
     """
     generator = str(generator)
     if generator.startswith(("models:/", "runs:/")):
-        from pipelines.registry import load_bundle
+        from store.models import load_bundle
 
         bundle, info = load_bundle(generator)
         scm = _load_dir(scm_dir, "scm", "--scm") if scm_dir else bundle.scm
@@ -490,7 +491,7 @@ def _fmt(v) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cxrcf evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
+    add_params(parser)
     parser.add_argument("--data", default=None, help="data root (default: params data.root)")
     parser.add_argument("--generator", required=True, help="HVAE export directory or models:/NAME@ALIAS URI")
     parser.add_argument("--scm", default=None, help="SCM export directory (optional with a models:/ URI)")

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from cxrcf.cli import add_params
+from cxrcf.config import MODEL_MODES as MODES
 from cxrcf.errors import CxrcfError
-
-MODES = ("none", "hard", "soft")
 
 
 def _dvc() -> list[str]:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cxrcf pipeline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd")
     p_run = sub.add_parser("run", help="generate data if missing, dvc repro, summary (the default)")
-    p_run.add_argument("--params", default="params.yaml")
+    add_params(p_run)
     sub.add_parser("summary", help="print the summary of the last run")
     args = parser.parse_args(argv)
     if args.cmd == "summary":

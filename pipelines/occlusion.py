@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cxrcf.cli import add_params
+
 SPLIT_ROW_FRACTION = 0.5  # image rows at and below this fraction of the height are the "lower" half
 
 
@@ -115,7 +117,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--scm", required=True)
     p.add_argument("--predictor", required=True, help="evaluation predictor export directory")
     p.add_argument("--data", default=None)
-    p.add_argument("--params", default="params.yaml")
+    add_params(p)
     p.add_argument("--out", default="artifacts/study/occlusion.json")
     args = p.parse_args(argv)
 
@@ -123,6 +125,7 @@ def main(argv: list[str]) -> int:
 
     from cxrcf.config import load_params
     from cxrcf.errors import CxrcfError
+    from cxrcf.export import require_model_dir
     from cxrcf.fileio import write_json
     from pipelines.evaluate import _clean, _Evaluator, load_components
 
@@ -130,8 +133,7 @@ def main(argv: list[str]) -> int:
     data_root = Path(args.data or params.data.root)
     named = [g.split("=", 1) if "=" in g else [g, g] for g in args.generator]
     for flag, path in [("--generator", d) for _, d in named] + [("--scm", args.scm), ("--predictor", args.predictor)]:
-        if not Path(path).is_dir():
-            raise CxrcfError(f"{flag} {path}: model directory does not exist")
+        require_model_dir(path, flag)
     hvae, scm, predictor, _, _ = load_components(named[0][1], args.scm, args.predictor)
     ev = _Evaluator(params, data_root, hvae, scm, predictor, torch.device("cpu"))
     if ev.truth is None:

@@ -4,13 +4,14 @@ MLflow stores this file itself as the model's definition and runs it at load tim
 pickled: the weights are the safetensors/JSON artifacts handed to `log_model`.
 
 - Generator (artifact `bundle`, a saved `cxrcf.bundle.GeneratorBundle`): one input row per image,
-  columns `image` (base64 8-bit grayscale PNG), factual parents `sex`, `race`, `finding` (labels of
+  columns `image` (base64 grayscale PNG, read by `cxrcf.png` under the API's rules: 16-bit scaled,
+  colour refused), factual parents `sex`, `race`, `finding` (labels of
   cxrcf.attributes.VOCAB) and `age` (years), `interventions` (JSON list of {attribute: value}),
   `t_u` and `seed`. Output per row: `counterfactuals` (JSON list of base64 PNGs, one per
   intervention) and `probabilities` (JSON list, per counterfactual, of the evaluation predictor's
   P(female), P(race) per class, P(pleural effusion) and age in years). Rows with the same
-  interventions, t_u and seed go through the generator as one batch, exactly as
-  `GeneratorBundle.counterfactuals` would on that batch.
+  interventions, t_u and seed go through the generator as one batch of the core's one path,
+  `cxrcf.batch.counterfactual_batch`, exactly as `GeneratorBundle.counterfactuals` would.
 - Predictor (artifact `predictor`, an exported `cxrcf.predictor.Predictor`): column `image`;
   output `probabilities` (JSON object as above).
 
@@ -19,8 +20,6 @@ Only this file and the `cxrcf` package (shipped as the model's code path) are ne
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import mlflow
@@ -30,53 +29,20 @@ from mlflow.pyfunc import PythonModel
 COLUMNS = ("image", "sex", "race", "age", "finding", "interventions", "t_u", "seed")
 
 
-def decode_png(text: str, where: str = "image"):
-    """base64 PNG -> uint8 (H, W) grayscale."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    from cxrcf.errors import CxrcfError
-
-    try:
-        with Image.open(io.BytesIO(base64.b64decode(text, validate=True))) as img:
-            return np.asarray(img.convert("L"), dtype=np.uint8)
-    except (ValueError, TypeError, UnidentifiedImageError, OSError) as err:
-        raise CxrcfError(f"{where}: not a base64-encoded PNG ({type(err).__name__})") from None
-
-
-def encode_png(image) -> str:
-    """uint8 (H, W) -> base64 PNG."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image, mode="L").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def to_uint8(x):
-    """Model images (N, 1, R, R) in [-1, 1] -> uint8 numpy (N, R, R) (the contract's inverse scale)."""
-    import torch
-
-    return ((x[:, 0].detach().cpu().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def probability_rows(probs) -> list[dict]:
-    from cxrcf.attributes import VOCAB
-
-    n = probs["sex"].shape[0]
-    return [{"sex": float(probs["sex"][i]),
-             "race": {label: float(probs["race"][i, j]) for j, label in enumerate(VOCAB["race"])},
-             "finding": float(probs["finding"][i]),
-             "age": float(probs["age"][i])} for i in range(n)]
-
-
 def _images(frame, resolution: int):
     import torch
 
     from cxrcf.data import to_model_images
+    from cxrcf.errors import CxrcfError
+    from cxrcf.png import decode_png
 
-    return torch.cat([to_model_images(decode_png(text, f"row {i}: image")[None], resolution)
-                      for i, text in enumerate(frame["image"])])
+    images = []
+    for i, text in enumerate(frame["image"]):
+        try:
+            images.append(to_model_images(decode_png(text)[None], resolution))
+        except CxrcfError as err:
+            raise CxrcfError(f"row {i}: image: {err}") from None
+    return torch.cat(images)
 
 
 def _interventions(text, row: int) -> list[dict]:
@@ -107,6 +73,8 @@ class CxrcfPyfunc(PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         import torch
 
+        from cxrcf.batch import probability_rows
+
         frame = model_input.reset_index(drop=True)
         with torch.no_grad():
             if self.bundle is None:
@@ -116,7 +84,10 @@ class CxrcfPyfunc(PythonModel):
             return self._counterfactuals(frame)
 
     def _counterfactuals(self, frame: pd.DataFrame) -> pd.DataFrame:
+        from cxrcf.batch import Edit, counterfactual_batch
         from cxrcf.bundle import parents_from_labels
+        from cxrcf.data import from_model_images
+        from cxrcf.png import encode_png
 
         missing = [c for c in COLUMNS if c not in frame.columns]
         if missing:
@@ -133,18 +104,23 @@ class CxrcfPyfunc(PythonModel):
             interventions = _interventions(text, idx[0])
             x = _images(part, self.bundle.resolution)
             parents = parents_from_labels(part[["sex", "race", "age", "finding"]].to_dict("records"))
-            images = self.bundle.counterfactuals(x, parents, interventions, t_u=t_u, seed=seed)
-            pngs = [[encode_png(img) for img in to_uint8(batch)] for batch in images]
-            probs = [probability_rows(self.bundle.probabilities(batch)) for batch in images]
+            n = len(idx)
+            out = counterfactual_batch(self.bundle, x.to(self.bundle.device), parents,
+                                       [Edit(range(n), do, t_u) for do in interventions], seed=seed,
+                                       probabilities=True)
+            pngs = [encode_png(img) for img in from_model_images(out.images)]
             for j, i in enumerate(idx):
-                out_cf[i] = json.dumps([pngs[k][j] for k in range(len(images))])
-                out_p[i] = json.dumps([probs[k][j] for k in range(len(images))])
+                mine = range(j, len(pngs), n)  # row j of each intervention's block
+                out_cf[i] = json.dumps([pngs[r] for r in mine])
+                out_p[i] = json.dumps([out.probabilities[r] for r in mine])
         return pd.DataFrame({"counterfactuals": out_cf, "probabilities": out_p})
 
 
 def example_frame(resolution: int, generator: bool = True):
     """A one-row input example: a mid-grey image, a 60-year-old white male without finding, do(sex)."""
     import numpy as np
+
+    from cxrcf.png import encode_png
 
     image = encode_png(np.full((resolution, resolution), 128, dtype=np.uint8))
     if not generator:

@@ -13,10 +13,7 @@ Top-level imports stay light (the CLI imports this module); torch and MLflow loa
 from __future__ import annotations
 
 import contextlib
-import logging
-import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -26,273 +23,34 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cxrcf.config import MODEL_MODES
 from cxrcf.errors import CxrcfError
+from cxrcf.export import require_model_dir
 from cxrcf.fileio import read_json
+from pipelines.gates import check_gates, gates_reason, run_metrics
 from pipelines.registry_ledger import RegistryState, server_lock
-from training.common import read_run_id
+from store.models import (
+    CANDIDATE,
+    CHAMPION,
+    EVAL_PREFIX,
+    HEADLINE,
+    PREVIOUS,
+    alias_map,
+    connect,
+    error_code,
+    flat_metrics,
+    model_version,
+    registered_model,
+    resolve_alias,
+)
+from store.runs import read_run_id
+from store.tracking import ensure_experiment
 
-CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous-champion"
-MODES = ("none", "hard", "soft")
-EVAL_PREFIX = "eval."  # version tags holding evaluation metrics
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 GENERATOR_ARTIFACT = "generator"  # the logged model's name inside the registration run
 DESCRIPTION_LIMIT = 5000  # MLflow's SQL stores declare the version description as VARCHAR(5000)
 LOCK_WAIT_S = 120.0
 SERVER_LOCK_STALE_S = 300.0  # a server-side lock older than this belongs to a dead process
-
-
-# ------------------------------------------------------------------------------------ connection
-def connect():
-    """An MlflowClient on `training.tracking.tracking_uri()`; fails fast when the server is down.
-
-    The fluent API (log_model, register_model) is pointed at the same store, so a run and its
-    registration can never land in two places.
-    """
-    import mlflow
-
-    from training.tracking import check_reachable
-
-    uri = check_reachable()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _error_code(err) -> str:
-    return getattr(err, "error_code", "") or ""
-
-
-def _registered_model(client, name: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as err:
-        if "RESOURCE_DOES_NOT_EXIST" in _error_code(err) or "not found" in str(err).lower():
-            raise CxrcfError(f"model {name!r}: not registered in {client.tracking_uri}") from None
-        raise
-
-
-def _model_version(client, name: str, version: str):
-    from mlflow.exceptions import MlflowException
-
-    _registered_model(client, name)
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException as err:
-        if "RESOURCE_DOES_NOT_EXIST" in _error_code(err) or "INVALID_PARAMETER_VALUE" in _error_code(err):
-            raise CxrcfError(f"model {name!r}: no version {version!r}") from None
-        raise
-
-
-def _aliases(client, name: str) -> dict[str, str]:
-    return {alias: str(v) for alias, v in (_registered_model(client, name).aliases or {}).items()}
-
-
-def resolve_alias(name: str, alias: str, client=None) -> str:
-    """The version string that `name@alias` points to; CxrcfError naming what is missing."""
-    client = client or connect()
-    aliases = _aliases(client, name)
-    if alias not in aliases:
-        known = ", ".join(f"{a}->{v}" for a, v in sorted(aliases.items())) or "none"
-        raise CxrcfError(f"model {name!r}: no version has alias {alias!r} (aliases: {known})")
-    return aliases[alias]
-
-
-def parse_ref(ref: str, default_name: str | None = None) -> tuple[str, str | None, str | None]:
-    """`[models:/]NAME@ALIAS` | `[models:/]NAME/VERSION` | `ALIAS` | `VERSION` -> (name, version, alias)."""
-    text = ref.removeprefix("models:/")
-    if "@" in text:
-        name, alias = text.rsplit("@", 1)
-        version = None
-    elif "/" in text:
-        name, version = text.rsplit("/", 1)
-        alias = None
-    elif default_name:
-        name = default_name
-        version, alias = (text, None) if text.isdigit() else (None, text)
-    else:
-        raise CxrcfError(f"model reference {ref!r}: expected NAME@ALIAS or NAME/VERSION")
-    if not name or not (version or alias):
-        raise CxrcfError(f"model reference {ref!r}: expected NAME@ALIAS or NAME/VERSION")
-    if version is not None and not version.isdigit():
-        raise CxrcfError(f"model reference {ref!r}: version {version!r} is not a number")
-    return name, version, alias
-
-
-def resolve_ref(ref: str, default_name: str | None = None, client=None):
-    """(model version entity, alias or None) for a reference accepted by `parse_ref`."""
-    client = client or connect()
-    name, version, alias = parse_ref(ref, default_name)
-    if alias is not None:
-        version = resolve_alias(name, alias, client)
-    return _model_version(client, name, version), alias
-
-
-# ------------------------------------------------------------------------------- metrics as tags
-def _tag_key(key: str) -> str:
-    # MLflow keys allow only [/\w.\- :]; pair names like "finding|do(sex)" become "finding_do_sex".
-    return re.sub(r"_+", "_", re.sub(r"[^\w./\- ]", "_", key)).strip("_")
-
-
-def flat_metrics(obj: Any, prefix: str = "") -> dict[str, float]:
-    """Numeric leaves of a nested evaluation JSON as {"effectiveness.sex.auc": 0.93, ...}."""
-    out: dict[str, float] = {}
-    if isinstance(obj, Mapping):
-        for key, value in obj.items():
-            out.update(flat_metrics(value, f"{prefix}{_tag_key(str(key))}."))
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and math.isfinite(obj):
-        out[prefix.rstrip(".")] = float(obj)
-    return out
-
-
-# The evaluation numbers recorded on the version as tags (the full JSON stays in the run's
-# evaluation.json artifact): what gates, list/show and model cards read.
-HEADLINE = re.compile(
-    r"^(effectiveness\.\w+\.(acc|auc|mae)|effectiveness\.\w+\.delta_real\.\w+|effectiveness_mean_auc"
-    r"|amplification\.(mean|stderr|worst)|amplification\.pairs\.[^.]+\.(mean|drift)|drift\.(mean|worst)"
-    r"|composition_l1|reversibility_l1|ground_truth\.(cf_l1|amplification\.(mean|worst)|effectiveness_mean_auc)"
-    r"|generator_check\.passed_checks\..+)$")
-
-
-def version_metrics(version) -> dict[str, float]:
-    """The evaluation metrics recorded on a model version's `eval.*` tags."""
-    out = {}
-    for key, value in (version.tags or {}).items():
-        if key.startswith(EVAL_PREFIX):
-            try:
-                out[key[len(EVAL_PREFIX):]] = float(value)
-            except ValueError:
-                continue
-    return out
-
-
-# ------------------------------------------------------------------------------------------ gates
-@dataclass(frozen=True)
-class Gate:
-    name: str
-    metric: str
-    op: str  # ">=" or "<=": what the value must satisfy against the limit
-    limit: float
-    value: float | None
-    verdict: bool | None = None  # MLflow's own verdict, for the gates its validation API can judge
-
-    @property
-    def passed(self) -> bool:
-        if self.value is None or not math.isfinite(self.value):
-            return False
-        if self.verdict is not None:
-            return self.verdict
-        return self.value >= self.limit if self.op == ">=" else self.value <= self.limit
-
-    def describe(self) -> str:
-        shown = "missing" if self.value is None else f"{self.value:.4g}"
-        return f"{'pass' if self.passed else 'FAIL'}: {self.metric} = {shown}, must be {self.op} {self.limit:.4g}"
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "metric": self.metric, "op": self.op, "limit": self.limit,
-                "value": self.value, "passed": self.passed, "judge": "mlflow" if self.verdict is not None else "cxrcf"}
-
-
-AUC_ATTRIBUTES = ("sex", "race", "finding")
-
-
-def _mlflow_threshold(metric: str, op: str, limit: float, value: float | None) -> bool:
-    """MLflow's `validate_evaluation_results` verdict for one absolute threshold.
-
-    Regression against the champion stays with cxrcf: `MetricThreshold.min_absolute_change` must be
-    positive (the candidate must *beat* the baseline by it), whereas the gate allows a candidate to be
-    worse by at most `regression_tolerance`.
-    """
-    import mlflow
-    from mlflow.models import MetricThreshold
-    from mlflow.models.evaluation import EvaluationResult
-    from mlflow.models.evaluation.validation import ModelValidationFailedException
-
-    # It logs every verdict at INFO through MLflow's own handler; the gate table already reports them.
-    logging.getLogger("mlflow.models.evaluation.validation").setLevel(logging.WARNING)
-    candidate = EvaluationResult(metrics={} if value is None else {metric: value}, artifacts={})
-    try:
-        mlflow.validate_evaluation_results(
-            {metric: MetricThreshold(threshold=limit, greater_is_better=op == ">=")}, candidate)
-    except ModelValidationFailedException:
-        return False
-    return True
-
-
-def check_gates(metrics: Mapping[str, float], gates, champion: Mapping[str, float] | None = None) -> list[Gate]:
-    """The promotion gates of `params.registry.gates` for a candidate's metrics.
-
-    Absolute floors and ceilings are judged by MLflow's `validate_evaluation_results`; regression
-    gates compare against the current champion's metrics within `regression_tolerance` (cxrcf's own
-    layer); a metric the champion never recorded cannot regress and is skipped.
-    """
-    plain = [(f"min_auc.{a}", f"effectiveness.{a}.auc", ">=", floor) for a, floor in sorted(gates.min_auc.items())]
-    plain.append(("max_age_mae", "effectiveness.age.mae", "<=", gates.max_age_mae))
-    plain.append(("max_amplification", "amplification.worst", "<=", gates.max_amplification))
-    out = [Gate(name, metric, op, limit, metrics.get(metric),
-                _mlflow_threshold(metric, op, limit, metrics.get(metric)))
-           for name, metric, op, limit in plain]
-    if gates.generator_check:
-        out += generator_check_gates(metrics)
-    if champion is not None:
-        tol = gates.regression_tolerance
-        for a in AUC_ATTRIBUTES:
-            key = f"effectiveness.{a}.auc"
-            if key in champion:
-                out.append(Gate(f"regression.{a}.auc", key, ">=", champion[key] - tol, metrics.get(key)))
-        key = "amplification.worst"
-        if key in champion:
-            out.append(Gate("regression.amplification.worst", key, "<=", champion[key] + tol, metrics.get(key)))
-    return out
-
-
-def generator_check_gates(metrics: Mapping[str, float]) -> list[Gate]:
-    """One gate per check of the evaluation's generator check (pipelines/generator_check.py), each named
-    for its check; an evaluation without the check is one failed gate, since nothing says the model is
-    a counterfactual model at all."""
-    prefix = "generator_check.passed_checks."
-    flags = {k: v for k, v in metrics.items() if k.startswith(prefix)}
-    if not flags:
-        return [Gate("generator_check", prefix + "*", ">=", 1.0, None)]
-    return [Gate(f"generator_check.{k[len(prefix):]}", k, ">=", 1.0, v) for k, v in sorted(flags.items())]
-
-
-def gates_reason(results: list[Gate], champion_version: str | None) -> str:
-    failed = [g for g in results if not g.passed]
-    against = f" (vs champion version {champion_version})" if champion_version else ""
-    if not failed:
-        return f"all {len(results)} gates pass{against}"
-    return "; ".join(f"{g.name} {g.describe()[6:]}" for g in failed) + against
-
-
-def run_metrics(client, version) -> tuple[dict[str, float], list[str]]:
-    """(the evaluation metrics logged to the version's run, disagreements with its `eval.*` tags).
-
-    The run's metrics are what `register` logged from the evaluation JSON; tags can be edited by
-    anyone with write access, so a tag that differs from the run, or names a metric the run never
-    logged, is a disagreement that refuses promotion.
-    """
-    from mlflow.exceptions import MlflowException
-
-    if not version.run_id:
-        return {}, [f"version {version.version} has no source run: its evaluation metrics cannot be checked"]
-    try:
-        logged = dict(client.get_run(version.run_id).data.metrics)
-    except MlflowException as err:
-        return {}, [(f"run {version.run_id} of version {version.version} cannot be read "
-                    f"({str(err).splitlines()[0][:200]})")]
-    if not logged:
-        return {}, [f"run {version.run_id} of version {version.version} logged no evaluation metrics"]
-    problems = []
-    for key, tagged in sorted(version_metrics(version).items()):
-        have = logged.get(key)
-        if have is None:
-            problems.append(f"tag {EVAL_PREFIX}{key} = {tagged:.6g} but run {version.run_id} logged no {key}")
-        elif not math.isclose(have, tagged, rel_tol=1e-9, abs_tol=1e-12):
-            problems.append(f"tag {EVAL_PREFIX}{key} = {tagged:.6g} disagrees with run {version.run_id}'s "
-                            f"logged {key} = {have:.6g}")
-    return logged, problems
 
 
 # ------------------------------------------------------------------------------------------ locks
@@ -400,14 +158,14 @@ def _set_aliases(client, name: str, moves: Mapping[str, str | None]) -> None:
 
 
 def _missing_error(err) -> bool:
-    return "RESOURCE_DOES_NOT_EXIST" in _error_code(err) or "not found" in str(err).lower()
+    return "RESOURCE_DOES_NOT_EXIST" in error_code(err) or "not found" in str(err).lower()
 
 
 def _finish(client, name: str, intent: dict, check) -> None:
     """Apply an intent's alias moves and version tags (idempotent: a repair runs it again)."""
     check()
     _set_aliases(client, name, intent["moves"])
-    after = _aliases(client, name)
+    after = alias_map(client, name)
     wrong = {a: after.get(a) for a, v in intent["moves"].items() if after.get(a) != (str(v) if v else None)}
     if wrong:
         raise CxrcfError(f"model {name!r}: aliases {wrong} differ from what intent #{intent['seq']} just set; "
@@ -454,7 +212,7 @@ def repair(client, state: RegistryState, check) -> list[dict]:
 def repair_model(name: str, client=None) -> list[dict]:
     """`repair` under the promotion lock, for the `cxrcf registry repair` command."""
     client = client or connect()
-    _registered_model(client, name)
+    registered_model(client, name)
     with promotion_lock(name, client) as held:
         return repair(client, ledger(name, client), held["check"])
 
@@ -489,7 +247,7 @@ def _gate_cell(gate: dict) -> str:
 def history(name: str, client=None) -> list[dict]:
     """One row per alias move or refusal, oldest first, from the ledger (status: done/PENDING/aborted)."""
     client = client or connect()
-    _registered_model(client, name)
+    registered_model(client, name)
     entries = ledger(name, client).entries()
     closing = {e["op"]: e for e in entries if e["type"] in ("complete", "abort")}
     rows = []
@@ -553,15 +311,15 @@ def promote(params, name: str | None = None, version: str | None = None, client=
     """
     client = client or connect()
     name = name or params.registry.generator_name
-    _registered_model(client, name)
+    registered_model(client, name)
     state = ledger(name, client)
     with promotion_lock(name, client) as held:
         waited = held["waited_s"]
         repaired = [i["seq"] for i in repair(client, state, held["check"])]
-        aliases = _aliases(client, name)
+        aliases = alias_map(client, name)
         if version is None:
             version = resolve_alias(name, CANDIDATE, client)
-        target = _model_version(client, name, str(version))
+        target = model_version(client, name, str(version))
         version = str(target.version)
         if expect_run_id is not None and target.run_id != expect_run_id:
             raise CxrcfError(f"model {name!r} version {version} comes from run {target.run_id}, not from the "
@@ -573,7 +331,7 @@ def promote(params, name: str | None = None, version: str | None = None, client=
             return Decision(name, version, "unchanged", f"version {version} is already champion", champion,
                             previous, checked_at, waited, [], None, repaired)
         metrics, problems = run_metrics(client, target)
-        champion_metrics = run_metrics(client, _model_version(client, name, champion))[0] if champion else None
+        champion_metrics = run_metrics(client, model_version(client, name, champion))[0] if champion else None
         results = check_gates(metrics, params.registry.gates, champion_metrics)
         passed = all(g.passed for g in results) and not problems
         reason = "; ".join(problems) if problems else gates_reason(results, champion)
@@ -603,7 +361,7 @@ def promote(params, name: str | None = None, version: str | None = None, client=
             intent = state.append({"type": "refused", **entry, "from": {CHAMPION: champion}})
             for key, value in tags.items():
                 client.set_model_version_tag(name, version, key, value)
-        after = _aliases(client, name)
+        after = alias_map(client, name)
         return Decision(name, version, tags["promotion.decision"], reason, after.get(CHAMPION),
                         after.get(PREVIOUS) if passed else previous, checked_at, waited,
                         gate_rows, intent["seq"], repaired)
@@ -617,11 +375,11 @@ def rollback(params, name: str | None = None, client=None, to: str | None = None
     """
     client = client or connect()
     name = name or params.registry.generator_name
-    _registered_model(client, name)
+    registered_model(client, name)
     state = ledger(name, client)
     with promotion_lock(name, client) as held:
         repaired = [i["seq"] for i in repair(client, state, held["check"])]
-        aliases = _aliases(client, name)
+        aliases = alias_map(client, name)
         demoted = aliases.get(CHAMPION)
         stack = champion_stack(state.entries())
         if not stack or stack[-1] != demoted:
@@ -634,7 +392,7 @@ def rollback(params, name: str | None = None, client=None, to: str | None = None
             stack = stack[:-1]
         else:
             restored = str(to)
-            _model_version(client, name, restored)
+            model_version(client, name, restored)
             if restored == demoted:
                 raise CxrcfError(f"model {name!r}: version {restored} is already champion")
             if restored not in stack[:-1]:
@@ -656,113 +414,6 @@ def rollback(params, name: str | None = None, client=None, to: str | None = None
         return {"name": name, "champion_version": restored, "demoted_version": demoted,
                 "previous_champion": before, "rolled_back_at": at, "ledger_seq": intent["seq"],
                 "repaired": repaired}
-
-
-# ----------------------------------------------------------------------------------- list / show
-KEY_METRICS = (("AUC sex", "effectiveness.sex.auc"), ("AUC race", "effectiveness.race.auc"),
-               ("AUC finding", "effectiveness.finding.auc"), ("MAE age", "effectiveness.age.mae"),
-               ("AMP mean", "amplification.mean"), ("AMP worst", "amplification.worst"))
-
-
-def list_versions(name: str, client=None) -> list[dict]:
-    """One row per version, newest first: version, aliases, mode, key metrics, decision, created."""
-    client = client or connect()
-    aliases = _aliases(client, name)
-    by_version: dict[str, list[str]] = {}
-    for alias, v in aliases.items():
-        by_version.setdefault(v, []).append(alias)
-    rows = []
-    for mv in client.search_model_versions(f"name='{name}'"):
-        tags = mv.tags or {}
-        metrics = version_metrics(mv)
-        rows.append({
-            "version": str(mv.version),
-            "aliases": ",".join(sorted(by_version.get(str(mv.version), []))),
-            "mode": tags.get("cft_mode", ""),
-            **{label: metrics.get(key) for label, key in KEY_METRICS},
-            "decision": tags.get("promotion.decision", ""),
-            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
-        })
-    return sorted(rows, key=lambda r: -int(r["version"]))
-
-
-def show_version(ref: str, default_name: str | None = None, client=None) -> dict:
-    """A version's identity, aliases, tags and metrics for `NAME@ALIAS` / `NAME/VERSION`."""
-    client = client or connect()
-    mv, _ = resolve_ref(ref, default_name, client)
-    aliases = sorted(a for a, v in _aliases(client, mv.name).items() if v == str(mv.version))
-    tags = dict(sorted((mv.tags or {}).items()))
-    return {"name": mv.name, "version": str(mv.version), "aliases": aliases, "run_id": mv.run_id,
-            "source": mv.source, "status": mv.status, "tags": tags, "metrics": version_metrics(mv)}
-
-
-# ---------------------------------------------------------------------------------------- loading
-def _bundle_path(mlmodel: Path) -> str:
-    """Where a cxrcf generator pyfunc keeps its GeneratorBundle, relative to the model directory."""
-    import yaml
-
-    flavors = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {})
-    artifacts = (flavors.get("python_function") or {}).get("artifacts") or {}
-    if "bundle" not in artifacts:
-        raise CxrcfError(f"{mlmodel.parent}: this MLflow model has no generator bundle (not a cxrcf generator)")
-    return artifacts["bundle"]["path"]
-
-
-def _download_bundle(source: str, model_uri: str, tmp: str) -> Path:
-    """Fetch only MLmodel and the bundle (the model's copy of the code is not needed here)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    base = source.rstrip("/")
-    try:
-        mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/MLmodel", dst_path=tmp))
-    except (MlflowException, OSError):
-        mlmodel = None
-    try:
-        if mlmodel is not None and mlmodel.is_file():
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{base}/{_bundle_path(mlmodel)}",
-                                                            dst_path=tmp))
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=base, dst_path=tmp))
-    except (MlflowException, OSError) as err:
-        raise CxrcfError(f"{model_uri}: cannot download the model ({str(err).splitlines()[0][:300]})") from None
-
-
-def load_bundle(model_uri: str, client=None):
-    """(GeneratorBundle, info) for `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/...` or a bundle dir.
-
-    Reads the bundle's safetensors/JSON straight from the registered artifacts (no pyfunc wrapper,
-    nothing unpickled). info: name, version, alias, mode, metrics, model_uri, run_id.
-    """
-    from cxrcf.bundle import GeneratorBundle
-
-    local = Path(model_uri)
-    if not model_uri.startswith(("models:/", "runs:/")) and "://" not in model_uri:
-        if not local.exists():
-            raise CxrcfError(f"{model_uri}: no such bundle directory or model URI "
-                             f"(use models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN/PATH)")
-        mlmodel = local / "MLmodel"
-        bundle = GeneratorBundle.load(local / _bundle_path(mlmodel) if mlmodel.is_file() else local)
-        meta = bundle.meta or {}
-        return bundle, {"name": meta.get("name"), "version": None, "alias": None, "mode": meta.get("mode"),
-                        "metrics": dict(meta.get("metrics") or {}), "model_uri": str(local), "run_id": None}
-    client = client or connect()
-    info: dict[str, Any] = {"name": None, "version": None, "alias": None, "mode": None, "metrics": {},
-                            "model_uri": model_uri, "run_id": None}
-    if model_uri.startswith("models:/"):
-        mv, alias = resolve_ref(model_uri, client=client)
-        source = client.get_model_version_download_uri(mv.name, mv.version)
-        info.update(name=mv.name, version=str(mv.version), alias=alias, run_id=mv.run_id,
-                    mode=(mv.tags or {}).get("cft_mode"), metrics=version_metrics(mv))
-    elif model_uri.startswith("runs:/"):
-        source = model_uri
-    else:
-        raise CxrcfError(f"{model_uri}: unsupported model URI (use models:/, runs:/ or a local directory)")
-    with tempfile.TemporaryDirectory(prefix="cxrcf-model-") as tmp:
-        bundle = GeneratorBundle.load(_download_bundle(source, model_uri, tmp))
-    if info["mode"] is None:
-        info["mode"] = (bundle.meta or {}).get("mode")
-        info["metrics"] = dict((bundle.meta or {}).get("metrics") or {})
-    return bundle, info
 
 
 # ----------------------------------------------------------------------------------- registration
@@ -827,8 +478,8 @@ def _generator_mode(generator_dir: Path, asked: str | None) -> str:
     from cxrcf.export import read_config
 
     recorded = (read_config(generator_dir).get("meta") or {}).get("mode")
-    if recorded is not None and recorded not in MODES:
-        raise CxrcfError(f"{generator_dir}: meta mode {recorded!r} is not one of {', '.join(MODES)}")
+    if recorded is not None and recorded not in MODEL_MODES:
+        raise CxrcfError(f"{generator_dir}: meta mode {recorded!r} is not one of {', '.join(MODEL_MODES)}")
     if asked is not None and recorded is not None and asked != recorded:
         raise CxrcfError(f"--mode {asked!r}: {generator_dir} was trained with mode {recorded!r} (its meta says so)")
     if asked is None and recorded is None:
@@ -842,13 +493,12 @@ def register(params, generator_dir, scm_dir, predictor_dir, guidance_dir, mode: 
 
     Returns {name, version, run_id, model_uri, predictors: {role: {name, version}}}.
     """
-    if mode is not None and mode not in MODES:
-        raise CxrcfError(f"--mode {mode!r}: expected one of {', '.join(MODES)}")
+    if mode is not None and mode not in MODEL_MODES:
+        raise CxrcfError(f"--mode {mode!r}: expected one of {', '.join(MODEL_MODES)}")
     dirs = {"generator": Path(generator_dir), "scm": Path(scm_dir), "evaluation_predictor": Path(predictor_dir),
             "guidance_predictor": Path(guidance_dir)}
     for role, d in dirs.items():
-        if not d.is_dir():
-            raise CxrcfError(f"{d}: {role} model directory does not exist")
+        require_model_dir(d, role=f"{role} model")
     evaluation = _read_eval(Path(eval_json))
     metrics = flat_metrics(evaluation)
     figures = sorted(Path(figures_dir).glob("*.png")) if figures_dir else []
@@ -861,7 +511,6 @@ def register(params, generator_dir, scm_dir, predictor_dir, guidance_dir, mode: 
     from cxrcf.export import load_model, read_config
     from pipelines.lineage import registration_lineage
     from pipelines.model_card import render_model_card
-    from training.tracking import ensure_experiment
 
     mode = _generator_mode(dirs["generator"], mode)
     client = client or connect()
@@ -904,7 +553,7 @@ def register(params, generator_dir, scm_dir, predictor_dir, guidance_dir, mode: 
     state = ledger(name, client)
     with promotion_lock(name, client) as held:
         repair(client, state, held["check"])
-        before = _aliases(client, name).get(CANDIDATE)
+        before = alias_map(client, name).get(CANDIDATE)
         _transact(client, state, {"action": "register", "version": version, "decision": "registered",
                                   "reason": f"{mode} CFT generator registered from run {run_id}", "run_id": run_id,
                                   "moves": {CANDIDATE: version}, "from": {CANDIDATE: before},

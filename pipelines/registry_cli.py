@@ -18,6 +18,8 @@ import argparse
 import os
 import sys
 
+from cxrcf.cli import add_params
+from cxrcf.config import MODEL_MODES
 from cxrcf.errors import CxrcfError
 
 # MLflow retries a dead server for minutes by default; a CLI should say so within seconds.
@@ -26,17 +28,17 @@ QUIET_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOF
              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxrcf registry", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("register", help="package and register a generator; alias it 'candidate'")
-    r.add_argument("--params", default="params.yaml")
+    add_params(r)
     r.add_argument("--generator", required=True, help="HVAE export directory (pretrained or CFT)")
     r.add_argument("--scm", required=True, help="attribute SCM export directory")
     r.add_argument("--predictor", required=True, help="evaluation predictor export directory")
     r.add_argument("--guidance", required=True, help="guidance predictor export directory")
-    r.add_argument("--mode", choices=["none", "hard", "soft"],
+    r.add_argument("--mode", choices=MODEL_MODES,
                    help="CFT mode; default and check: the generator's own meta")
     r.add_argument("--eval", required=True, help="evaluation JSON of this generator (cxrcf evaluate)")
     r.add_argument("--figures", help="folder of PNG figures for the model card")
@@ -44,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="write {name, version, run_id, model_uri} here")
 
     pr = sub.add_parser("promote", help="move 'champion' to the candidate if the gates pass")
-    pr.add_argument("--params", default="params.yaml")
+    add_params(pr)
     pr.add_argument("--name")
     which = pr.add_mutually_exclusive_group()
     which.add_argument("--version", help="version to promote (default: the 'candidate' alias)")
@@ -54,27 +56,27 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-fail", action="store_true", help="exit 0 when refused (the decision is still recorded)")
 
     rb = sub.add_parser("rollback", help="champion <- previous-champion")
-    rb.add_argument("--params", default="params.yaml")
+    add_params(rb)
     rb.add_argument("--name")
     rb.add_argument("--to", metavar="VERSION", help="an earlier champion to restore (default: the one before)")
     rb.add_argument("--out", help="write the rollback JSON here")
 
     hi = sub.add_parser("history", help="the alias ledger: every alias move and refused promotion")
     hi.add_argument("name", nargs="?", help="registered model (default params.registry.generator_name)")
-    hi.add_argument("--params", default="params.yaml")
+    add_params(hi)
     hi.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     rp = sub.add_parser("repair", help="complete alias moves that a crashed command left half done")
-    rp.add_argument("--params", default="params.yaml")
+    add_params(rp)
     rp.add_argument("--name")
 
     ls = sub.add_parser("list", help="versions with aliases, mode and key metrics")
-    ls.add_argument("--params", default="params.yaml")
+    add_params(ls)
     ls.add_argument("--name")
 
     sh = sub.add_parser("show", help="one version's tags and metrics")
     sh.add_argument("ref", help="NAME@ALIAS, NAME/VERSION, or ALIAS / VERSION of the default model")
-    sh.add_argument("--params", default="params.yaml")
+    add_params(sh)
     return p
 
 
@@ -104,6 +106,7 @@ def _write(path: str | None, obj) -> None:
 def _run(args) -> int:
     from cxrcf.config import load_params
     from pipelines import registry
+    from store import models
 
     params = load_params(args.params)
     if args.command == "register":
@@ -159,9 +162,9 @@ def _run(args) -> int:
         return 0
     if args.command == "list":
         print(f"{name} ({registry.connect().tracking_uri})")
-        print(format_table(registry.list_versions(name)))
+        print(format_table(models.list_versions(name)))
         return 0
-    info = registry.show_version(args.ref, default_name=params.registry.generator_name)
+    info = models.show_version(args.ref, default_name=params.registry.generator_name)
     print(f"{info['name']} version {info['version']}  aliases: {', '.join(info['aliases']) or '-'}  "
           f"run: {info['run_id']}  source: {info['source']}")
     rows = [{"key": k, "value": v} for k, v in info["tags"].items()]
@@ -170,7 +173,7 @@ def _run(args) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     from mlflow.exceptions import MlflowException

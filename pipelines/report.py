@@ -17,10 +17,11 @@ import shutil
 import time
 from pathlib import Path
 
+from cxrcf.cli import add_params
+from cxrcf.config import MODEL_MODES as MODES
 from cxrcf.errors import CxrcfError
 from cxrcf.fileio import read_json
 
-MODES = ("none", "hard", "soft")
 ATTRS = ("sex", "race", "finding", "age")
 
 
@@ -439,7 +440,7 @@ def _log(params, out: Path, headline: dict) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cxrcf report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
+    add_params(parser)
     parser.add_argument("--eval-dir", default="artifacts/eval")
     parser.add_argument("--out", default="artifacts/report")
     parser.add_argument("--study", default="artifacts/study",

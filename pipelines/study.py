@@ -27,9 +27,10 @@ import math
 import time
 from pathlib import Path
 
+from cxrcf.cli import add_params
+from cxrcf.config import MODES
 from cxrcf.errors import CxrcfError
 
-MODES = ("hard", "soft")
 AUC_ATTRS = ("sex", "race", "finding")
 
 
@@ -293,8 +294,9 @@ def run_study(params, data_root, generator_dir, guidance_dir, scm_dir, predictor
 
     out = Path(out)
     slacks, seeds = params.study.slacks, params.study.seeds
-    todo = [(m, s, seed) for s in slacks for m in MODES for seed in seeds]
-    print(f"[study] {len(todo)} CFT runs ({', '.join(MODES)} x slacks {list(slacks)} x seeds {list(seeds)}) "
+    modes = params.cft.modes
+    todo = [(m, s, seed) for s in slacks for m in modes for seed in seeds]
+    print(f"[study] {len(todo)} CFT runs ({', '.join(modes)} x slacks {list(slacks)} x seeds {list(seeds)}) "
           f"-> {out}", flush=True)
     t0 = time.perf_counter()
     none_json = out / "none" / "eval.json"
@@ -376,7 +378,7 @@ def _fmt(v, spec: str = ".3f") -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cxrcf study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml")
+    add_params(parser)
     parser.add_argument("--data", default=None, help="data root (default: params data.root)")
     parser.add_argument("--generator", required=True, help="pretrained HVAE export directory")
     parser.add_argument("--guidance", required=True, help="guidance predictor export directory")
@@ -392,14 +394,14 @@ def main(argv: list[str]) -> int:
                              "verdict cannot be 'reproduced'")
     args = parser.parse_args(argv)
     from cxrcf.config import load_params
+    from cxrcf.export import require_model_dir
 
     params = load_params(args.params)
     for flag, path in (("--generator", args.generator), ("--guidance", args.guidance), ("--scm", args.scm),
                        ("--predictor", args.predictor), ("--evidence-regressor", args.evidence_regressor)):
         if path is None:
             continue
-        if not Path(path).is_dir():
-            raise CxrcfError(f"{flag} {path}: model directory does not exist")
+        require_model_dir(path, flag)
     check = None
     if args.generator_check:
         from cxrcf.fileio import read_json

@@ -60,9 +60,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxrcf.config import ServeConfig
 from cxrcf.errors import CxrcfError
-from serving import auth
-from serving.engine import Item, ItemResult, run_batch
-from serving.images import (
+from cxrcf.png import (
     ImageError,
     ImageTooLarge,
     check_size,
@@ -72,6 +70,8 @@ from serving.images import (
     peek_size,
     resize_gray,
 )
+from serving import auth
+from serving.engine import Item, ItemResult, run_batch
 from serving.policy import ServePolicy, reply_bytes
 from serving.schemas import (
     AliasState,
@@ -132,7 +132,7 @@ class Loaded:
 def _load(source: ModelSource, version: str) -> Loaded:
     import torch
 
-    from pipelines.registry import load_bundle
+    from store.models import load_bundle
 
     uri = source.uri(version)
     bundle, info = load_bundle(uri)
@@ -235,7 +235,7 @@ class ModelSlot:
     """
 
     def __init__(self, source: ModelSource, policy: ServePolicy | None = None):
-        from pipelines.registry import resolve_alias
+        from store.models import resolve_alias
 
         self.source = source
         self.policy = policy or ServePolicy()

@@ -23,12 +23,13 @@ import socket
 import sys
 import time
 
+from cxrcf.cli import add_params
 from cxrcf.errors import CxrcfError
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxrcf serve", description="Serve counterfactuals over HTTP with Ray Serve.")
-    p.add_argument("--params", default="params.yaml", help="parameters file (default params.yaml)")
+    add_params(p)
     p.add_argument("--model-name", help="registered generator (default params.registry.generator_name)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--alias", help="alias to serve and follow (default params.serve.model_alias)")
@@ -105,7 +106,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     from cxrcf.config import load_params
     from serving.auth import ENV_VAR, check_host, parse_keys
 
@@ -121,7 +122,7 @@ def main(argv: list[str]) -> int:
     name = args.model_name or params.registry.generator_name
     alias = None if args.version else (args.alias or cfg.model_alias)
 
-    from pipelines.registry import resolve_alias, show_version
+    from store.models import resolve_alias, show_version
 
     # Fail here, in one line, rather than in a replica constructor that Serve retries for minutes.
     version = args.version or resolve_alias(name, alias)

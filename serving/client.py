@@ -32,7 +32,7 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from serving.images import decode_png, encode_png
+from cxrcf.png import decode_png, encode_png
 
 
 class ApiError(RuntimeError):

@@ -1,14 +1,14 @@
-"""One batched forward pass for many API requests (pure torch; the Serve batch method calls it).
+"""One batched forward pass for many API requests (the Serve batch method calls it).
 
-Each request is one image with its own parents and interventions, so the batch is flattened into
-rows (request, intervention): the attribute SCM gives each row its counterfactual parents, then one
-HVAE counterfactual pass covers every row of every request, and the evaluation predictor scores all
-factual images and all counterfactual rows together in one more. Requests whose `t_u` differ
-cannot share the HVAE pass (t_u is one scalar per pass), so a batch makes one pass per distinct t_u.
+Each request is one image with its own parents and interventions; every (request, intervention)
+is one `cxrcf.batch.Edit`, and the whole batch goes through the core's one counterfactual path,
+`counterfactual_batch`: the attribute SCM per edit, one HVAE pass per distinct t_u over every row of
+every request, and one evaluation-predictor pass over all factual and counterfactual images.
 
 Randomness: one generator per batch, seeded with the first request's seed. A request served alone
-reproduces `GeneratorBundle.counterfactuals(x, parents, interventions, t_u, seed)` exactly (same draw
-order); batched with others it draws from the shared stream, so its noise depends on its batch.
+reproduces `GeneratorBundle.counterfactuals(x, parents, interventions, t_u, seed)` exactly (the same
+function, the same draw order); batched with others it draws from the shared stream, so its noise
+depends on its batch.
 """
 
 from __future__ import annotations
@@ -46,18 +46,10 @@ def square(pixels: np.ndarray) -> np.ndarray:
     h, w = pixels.shape
     if h == w:
         return pixels
-    from serving.images import resize_gray
+    from cxrcf.png import resize_gray
 
     side = max(h, w)
     return resize_gray(pixels, side, side)
-
-
-def _probability_rows(probs: dict) -> list[dict[str, object]]:
-    sex = probs["sex"].float().cpu().tolist()
-    race = probs["race"].float().cpu().tolist()
-    finding = probs["finding"].float().cpu().tolist()
-    age = probs["age"].float().cpu().tolist()
-    return [{"sex": s, "race": r, "finding": f, "age": a} for s, r, f, a in zip(sex, race, finding, age)]
 
 
 def _codes(parents: dict, i: int) -> dict[str, float]:
@@ -68,9 +60,8 @@ def run_batch(bundle, items: list[Item], threads: int | None = None) -> list[Ite
     """`threads`: torch intra-op threads for this pass (process-wide; a replica runs one batch at a time)."""
     import torch
 
-    from cxrcf.attributes import context
-    from cxrcf.bundle import encode_intervention, parents_from_labels
-    from cxrcf.counterfactual import counterfactual
+    from cxrcf.batch import Edit, counterfactual_batch
+    from cxrcf.bundle import parents_from_labels
     from cxrcf.data import from_model_images, to_model_images
 
     if threads is not None and torch.get_num_threads() != threads:
@@ -95,34 +86,13 @@ def run_batch(bundle, items: list[Item], threads: int | None = None) -> list[Ite
             for a in ATTRIBUTES:
                 parents[a][unknown] = inferred[a].to(device, parents[a].dtype)
 
-        generator = torch.Generator(device=device).manual_seed(int(items[0].seed))
-        owner, cf_parents = [], []
-        # Per request, per intervention, in order: the draw order of GeneratorBundle.counterfactuals.
-        for i, it in enumerate(items):
-            one = {a: parents[a][i:i + 1] for a in ATTRIBUTES}
-            for do in it.interventions:
-                coded = encode_intervention(do)
-                cf_parents.append(bundle.scm.counterfactual(
-                    one, {a: torch.tensor(v) for a, v in coded.items()}, generator))
-                owner.append(i)
-        star = {a: torch.cat([p[a].to(device) for p in cf_parents]) for a in ATTRIBUTES}
-        rows = torch.tensor(owner, device=device)
-        ctx = context(parents).to(device)[rows]
-        ctx_star = context(star).to(device)
-        x_star = torch.empty((len(owner), 1, res, res), device=device)
-        t_rows = np.array([items[i].t_u for i in owner])
-        for t_u in dict.fromkeys(t_rows.tolist()):
-            sel = torch.from_numpy(np.flatnonzero(t_rows == t_u)).to(device)
-            x_star[sel] = counterfactual(bundle.hvae, x[rows[sel]], ctx[sel], ctx_star[sel], t_u=t_u,
-                                         generator=generator).float()
-        # factual and counterfactual images through the evaluation predictor in one pass
-        probs = _probability_rows(bundle.probabilities(torch.cat([x, x_star])))
-        factual_probs, cf_probs = probs[:len(items)], probs[len(items):]
-        pixels = from_model_images(x_star)
+        edits = [Edit([i], do, it.t_u) for i, it in enumerate(items) for do in it.interventions]
+        out = counterfactual_batch(bundle, x, parents, edits, seed=items[0].seed, probabilities=True)
+        pixels = from_model_images(out.images)
 
-    results = [ItemResult(_codes(parents, i), items[i].parents is None, factual_probs[i], batch_size=len(items))
+    results = [ItemResult(_codes(parents, i), items[i].parents is None, out.factual[i], batch_size=len(items))
                for i in range(len(items))]
-    for row, i in enumerate(owner):
+    for row, i in enumerate(out.rows.tolist()):
         results[i].counterfactuals.append(
-            {"parents": _codes(star, row), "pixels": pixels[row], "probabilities": cf_probs[row]})
+            {"parents": _codes(out.parents, row), "pixels": pixels[row], "probabilities": out.probabilities[row]})
     return results

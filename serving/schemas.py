@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cxrcf.attributes import AGE_MAX, AGE_MIN, ATTRIBUTES, VOCAB
+from cxrcf.config import TU
 
 Sex = Literal["male", "female"]
 Race = Literal["white", "asian", "black"]
@@ -70,7 +71,7 @@ class CounterfactualRequest(_Request):
         None, description="factual parents; inferred by the evaluation predictor when omitted "
                           "(for image_id: taken from the dataset's labels)")
     interventions: list[Intervention] = Field(min_length=1, max_length=INTERVENTIONS_CAP)
-    t_u: float = Field(1.0, gt=0, le=1, allow_inf_nan=False, description="pixel-noise temperature")
+    t_u: TU = Field(1.0, description="pixel-noise temperature")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds the abduction noise of the batch")
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
@@ -254,10 +255,12 @@ def error_body(errors: list[FieldError]) -> dict:
 
 # ----------------------------------------------------------------------------- building replies
 def probabilities(p: dict[str, Any]) -> Probabilities:
-    """Predictor output for one image (sex/finding: P(class 1), race: 3 probabilities, age in years)."""
+    """A probability row (`cxrcf.batch.probability_rows`: sex/finding P(class 1), race by label or as the
+    3 probabilities in VOCAB order, age in years) as the API's per-class probabilities."""
+    race = p["race"]
     return Probabilities(
         sex=dict(zip(VOCAB["sex"], (1.0 - p["sex"], p["sex"]))),
-        race=dict(zip(VOCAB["race"], p["race"])),
+        race=dict(race) if isinstance(race, dict) else dict(zip(VOCAB["race"], race, strict=True)),
         finding=dict(zip(VOCAB["finding"], (1.0 - p["finding"], p["finding"]))),
         age=p["age"],
     )

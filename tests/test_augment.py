@@ -366,7 +366,7 @@ def test_default_model_is_the_registered_champion(ray_cluster, mlflow_uri, tiny_
 
     from cxrcf.config import preset_params
     from pipelines.augment import run_augment
-    from training.tracking import ensure_experiment
+    from store.tracking import ensure_experiment
 
     name = f"augment-test-{uuid.uuid4().hex[:8]}"
     client = mlflow.MlflowClient(mlflow_uri)

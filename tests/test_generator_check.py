@@ -94,6 +94,7 @@ def test_checkpoint_selection_prefers_the_truths_effectiveness_and_never_an_over
 def test_a_failed_check_refuses_promotion_with_a_gate_named_for_it():
     from cxrcf.config import GatesConfig
     from pipelines import registry
+    from pipelines.gates import generator_check_gates
 
     result = _result(finding_auc=0.4)
     result["generator_check"] = run_check(result, GeneratorCheckConfig())
@@ -105,6 +106,6 @@ def test_a_failed_check_refuses_promotion_with_a_gate_named_for_it():
     reason = registry.gates_reason([g for g in out if g.name.startswith("generator_check")], None)
     assert "follows_parents.finding_auc" in reason and "\n" not in reason
     # an evaluation without the check cannot pass; the smoke preset reports it without gating
-    assert not registry.generator_check_gates({})[0].passed
+    assert not generator_check_gates({})[0].passed
     off = registry.check_gates(registry.flat_metrics(result), gates.model_copy(update={"generator_check": False}))
     assert not any(g.name.startswith("generator_check") for g in off)

@@ -26,6 +26,7 @@ from cxrcf import cli
 from cxrcf.config import preset_params
 from cxrcf.errors import CxrcfError
 from pipelines import registry
+from store import models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,13 +169,13 @@ def test_gates_floors_ceilings_and_regression():
 
 
 def test_parse_ref_forms_and_errors():
-    assert registry.parse_ref("models:/gen@champion") == ("gen", None, "champion")
-    assert registry.parse_ref("gen/12") == ("gen", "12", None)
-    assert registry.parse_ref("candidate", default_name="g") == ("g", None, "candidate")
-    assert registry.parse_ref("3", default_name="g") == ("g", "3", None)
+    assert models.parse_ref("models:/gen@champion") == ("gen", None, "champion")
+    assert models.parse_ref("gen/12") == ("gen", "12", None)
+    assert models.parse_ref("candidate", default_name="g") == ("g", None, "candidate")
+    assert models.parse_ref("3", default_name="g") == ("g", "3", None)
     for bad in ("gen/x", "gen@", "justaname"):
         with pytest.raises(CxrcfError, match="expected NAME@ALIAS|not a number"):
-            registry.parse_ref(bad)
+            models.parse_ref(bad)
 
 
 def test_headline_metric_keys_are_valid_tag_names():
@@ -246,7 +247,8 @@ def test_saved_model_directory_holds_no_pickle(registered, parts):
 def test_promoted_champion_loads_and_matches_the_checkpoint(registered, parts):
     import mlflow
 
-    from pipelines.pyfunc_model import decode_png, encode_png, to_uint8
+    from cxrcf.data import from_model_images as to_uint8
+    from cxrcf.png import decode_png, encode_png
 
     out = parts.root / "promotion.json"
     assert promote_cli(parts, registered["name"], "--out", str(out)) == 0
@@ -255,7 +257,7 @@ def test_promoted_champion_loads_and_matches_the_checkpoint(registered, parts):
     assert decision["previous_champion"] is None and len(decision["gates"]) == 5
 
     checkpoint = checkpoint_bundle(parts.root)
-    bundle, info = registry.load_bundle(f"models:/{registered['name']}@champion")
+    bundle, info = models.load_bundle(f"models:/{registered['name']}@champion")
     assert info["version"] == registered["version"] and info["alias"] == "champion" and info["mode"] == "soft"
     assert info["metrics"]["effectiveness.sex.auc"] == 0.9
 
@@ -326,7 +328,7 @@ def test_rollback_walks_back_the_promotion_chain(registered, parts):
 
     out = registry.rollback(parts.params, name=name)
     assert out["champion_version"] == "1" and out["previous_champion"] is None
-    assert registry._aliases(mlc, name).get("previous-champion") is None
+    assert registry.alias_map(mlc, name).get("previous-champion") is None
     with pytest.raises(CxrcfError, match="no 'previous-champion' alias"):
         registry.rollback(parts.params, name=name)
     assert registry.resolve_alias(name, "champion") == "1"
@@ -338,7 +340,7 @@ def test_rollback_to_an_earlier_champion_and_refusals(registered, parts, capsys)
         assert registry.promote(parts.params, name=name, version=v).decision == "promoted"
     assert cli.main(["registry", "rollback", "--params", parts.params_file, "--name", name, "--to", "1"]) == 0
     assert registry.resolve_alias(name, "champion") == "1"
-    assert registry._aliases(client(), name).get("previous-champion") is None
+    assert registry.alias_map(client(), name).get("previous-champion") is None
     capsys.readouterr()
     # 3 was rolled back past: it is no longer an earlier champion to return to.
     assert cli.main(["registry", "rollback", "--params", parts.params_file, "--name", name, "--to", "3"]) == 1
@@ -380,7 +382,7 @@ def test_version_tags_that_disagree_with_the_run_refuse_promotion(registered, pa
     assert promote_cli(parts, name, "--version", "1") == 1
     err = capsys.readouterr().err
     assert "tag eval.amplification.worst = 0.1 disagrees with run" in err and "logged amplification.worst = 3" in err
-    assert "champion" not in registry._aliases(mlc, name)
+    assert "champion" not in registry.alias_map(mlc, name)
     refused = registry.history(name)[-1]
     assert (refused["action"], refused["status"], refused["version"]) == ("promote", "refused", "1")
     assert "max_amplification=3 FAIL" in refused["gates"] and "disagrees" in refused["reason"]
@@ -411,14 +413,14 @@ def test_a_promotion_killed_between_alias_moves_is_completed_by_the_next_command
                               parts.params_file, "--name", name, "--version", "2"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300, check=False)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
-    aliases = registry._aliases(client(), name)
+    aliases = registry.alias_map(client(), name)
     assert aliases["champion"] == "1" and aliases["previous-champion"] == "1"  # the half-done state
     assert [r["status"] for r in registry.history(name)] == ["done", "PENDING"]
 
     assert cli.main(["registry", "promote", "--params", parts.params_file, "--name", name, "--version", "3"]) == 0
     out = capsys.readouterr().out
     assert "completed the interrupted alias move" in out
-    aliases = registry._aliases(client(), name)
+    aliases = registry.alias_map(client(), name)
     assert (aliases["champion"], aliases["previous-champion"]) == ("3", "2")
     rows = registry.history(name)
     assert [(r["version"], r["status"]) for r in rows] == [("1", "done"), ("2", "repaired"), ("3", "done")]
@@ -478,7 +480,7 @@ def test_three_racing_promoters_and_a_stale_holder_end_in_one_consistent_chain(
         assert (follower["type"], follower["op"]) == ("complete", e["seq"]), "promotions interleaved"
     for before, after in itertools.pairwise(intents):
         assert after["from"]["champion"] == before["version"]
-    aliases = registry._aliases(client(), name)
+    aliases = registry.alias_map(client(), name)
     assert (aliases["champion"], aliases["previous-champion"]) == (intents[-1]["version"], intents[-2]["version"])
     waited = sorted(float(client().get_model_version(name, v).tags["promotion.waited_s"]) for v in ("2", "3", "4"))
     if registry_backend["kind"] != "sqlite":
@@ -493,7 +495,7 @@ def test_three_racing_promoters_and_a_stale_holder_end_in_one_consistent_chain(
 # -------------------------------------------------------------------------------- list / show
 def test_list_and_show(registered, parts, capsys):
     name = registered["name"]
-    rows = registry.list_versions(name)
+    rows = models.list_versions(name)
     assert rows[0]["version"] == registered["version"] and rows[0]["mode"] == "soft"
     assert rows[0]["AUC sex"] == 0.9 and "champion" in rows[0]["aliases"].split(",")
     assert cli.main(["registry", "list", "--params", parts.params_file, "--name", name]) == 0
@@ -521,9 +523,9 @@ def test_clear_errors_for_missing_models_aliases_versions(registered):
     with pytest.raises(CxrcfError, match="no version has alias 'staging'"):
         registry.resolve_alias(name, "staging")
     with pytest.raises(CxrcfError, match="no version '99'"):
-        registry.load_bundle(f"models:/{name}/99")
+        models.load_bundle(f"models:/{name}/99")
     with pytest.raises(CxrcfError, match="no such bundle directory"):
-        registry.load_bundle("/nonexistent/bundle")
+        models.load_bundle("/nonexistent/bundle")
 
 
 def test_unreachable_tracking_server_fails_fast(parts, registry_backend, monkeypatch, capsys):

@@ -12,8 +12,8 @@ from PIL import Image
 from pydantic import ValidationError
 
 from cxrcf.errors import CxrcfError
+from cxrcf.png import ImageError, decode_png, encode_png, resize_gray
 from serving import auth
-from serving.images import ImageError, decode_png, encode_png, resize_gray
 from serving.schemas import (
     CounterfactualRequest,
     Intervention,
@@ -181,7 +181,7 @@ def test_sixteen_bit_scaling_rounds_like_v_over_257():
 
 
 def test_size_comes_from_the_header_before_decoding():
-    from serving.images import ImageTooLarge, check_size, peek_size
+    from cxrcf.png import ImageTooLarge, check_size, peek_size
 
     flat = _png(np.zeros((300, 200), np.uint8))
     assert peek_size(flat) == (200, 300) and peek_size("data:image/png;base64," + flat) == (200, 300)

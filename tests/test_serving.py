@@ -126,7 +126,7 @@ def _post(server, body, **kw) -> httpx.Response:
 
 
 def _bundle(version: str):
-    from pipelines.registry import load_bundle
+    from store.models import load_bundle
 
     return load_bundle(f"models:/{MODEL}/{version}")[0]
 

@@ -3,7 +3,11 @@ fit in which a worker is killed mid-run and the run resumes from its last checkp
 
 import functools
 import json
+import os
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,6 +88,26 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path):
     assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "optimizer.safetensors").is_file()
 
 
+@dataclass(frozen=True)
+class KillOnce:
+    """A step hook that kills the last rank once at `step` of the first task (a worker fault)."""
+
+    step: int
+    marker: str  # exists once the fault has happened
+
+    def __call__(self, task: int, step: int, rank: int, world: int) -> None:
+        marker = Path(self.marker)
+        if task != 0 or step != self.step or rank != world - 1 or marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"killed at step {step}\n")
+        print(f"fault injection: rank {rank} exits at step {step}", flush=True)
+        # The controller registers reported checkpoints when it polls the workers; waiting a few
+        # polls makes "resume from the last checkpoint" independent of timing.
+        time.sleep(1.0 + 3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
+        os._exit(1)
+
+
 def test_killed_worker_resumes_from_checkpoint(ray_cluster, tmp_path):
     # Ray workers cannot import this test module, so its stand-ins travel by value.
     import ray.cloudpickle
@@ -95,7 +119,7 @@ def test_killed_worker_resumes_from_checkpoint(ray_cluster, tmp_path):
     tasks = [Task("a", optim_a, StandIn, standin_data, validate=standin_validate, select="loss"),
              Task("b", optim_b, StandIn, functools.partial(standin_data, n=40), validate=standin_validate)]
     marker = tmp_path / "fault.marker"
-    cfg = LoopConfig(tasks=tasks, fault_at_step=6, fault_marker=str(marker), metric_prefix=True)
+    cfg = LoopConfig(tasks=tasks, step_hooks=(KillOnce(6, str(marker)),), metric_prefix=True)
     result = fit(cfg, RayConfig(num_workers=2, storage_path=str(tmp_path / "ray"), max_failures=1), "loop-test")
     assert marker.read_text().startswith("killed at step 6")  # the fault really happened
     a, b = result.metrics["a"], result.metrics["b"]

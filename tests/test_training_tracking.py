@@ -7,7 +7,7 @@ import pytest
 
 from cxrcf.config import preset_params
 from cxrcf.errors import CxrcfError
-from training import tracking
+from store import tracking
 
 
 def test_tracking_uri_defaults_to_sqlite_in_cwd(monkeypatch, tmp_path):

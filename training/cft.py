@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxrcf.attributes import ATTRIBUTES, N_RACE, age_to_model, context, descendants
+from cxrcf.config import MODES, CFTConfig, Mode
 from cxrcf.errors import CxrcfError
 
 CFT_PARENTS = ("race", "sex", "finding", "age")
-MODES = ("hard", "soft")
 
 
 # --------------------------------------------------------------------------------- pure pieces
@@ -109,8 +109,8 @@ class LagrangeMultiplier:
 
 # ------------------------------------------------------------------------------------ objective
 class CFTObjective(nn.Module):
-    def __init__(self, mode, hvae_arch, hvae_state, pred_arch, pred_state, scm_cfg, scm_state, beta, eps,
-                 cft_cfg):
+    def __init__(self, *, mode: Mode, hvae_arch, hvae_state: dict, pred_arch, pred_state: dict, scm_cfg,
+                 scm_state: dict, beta: float, eps: float, cft_cfg: CFTConfig):
         super().__init__()
         from cxrcf.hvae import HVAE
         from cxrcf.predictor import Predictor
@@ -172,8 +172,9 @@ class CFTObjective(nn.Module):
         self.lam.load(state)
 
 
-def build_objective(*args) -> CFTObjective:
-    return CFTObjective(*args)
+def build_objective(**parts) -> CFTObjective:
+    """The loop's `Task.build`: runs on each worker, from plain (picklable) parts."""
+    return CFTObjective(**parts)
 
 
 # ----------------------------------------------------------------------- checkpoint selection
@@ -194,7 +195,7 @@ def selection_score(auc: dict[str, float], target: dict[str, float]) -> float:
 def flip_aucs(hvae, predictor, x, parents, generator=None) -> dict[str, float]:
     """AUC of the predictor for the flipped value of sex and of finding on x* (t_u = 1, one abduction)."""
     from cxrcf.counterfactual import counterfactuals_shared
-    from pipelines.metrics import roc_auc
+    from cxrcf.metrics import roc_auc
 
     stars = {k: {**parents, k: 1.0 - parents[k].float()} for k in SELECT_ATTRS}
     outs = counterfactuals_shared(hvae, x, context(parents), [context(stars[k]) for k in SELECT_ATTRS],
@@ -207,8 +208,8 @@ def truth_targets(data_root, resolution: int, guidance, n: int) -> dict[str, flo
     """The guidance predictor's flip AUC on the TRUE counterfactuals of the first n validation images
     (SynthCXR); None on data without recorded exogenous noise."""
     from cxrcf.data import load_split, to_model_images
+    from cxrcf.metrics import roc_auc
     from cxrcf.synth import render_counterfactuals
-    from pipelines.metrics import roc_auc
 
     if not (Path(data_root) / "exogenous.csv").is_file():
         return None
@@ -287,8 +288,9 @@ def train_cft(params, data_root, generator_dir, guidance_dir, scm_dir, out_dir, 
     eps_pretrained = read_eps(generator_dir)
     eps = eps_pretrained + slack
     beta = params.generator.beta
-    build = functools.partial(build_objective, mode, hvae.arch, cpu_state(hvae), guidance.arch, cpu_state(guidance),
-                              scm.cfg, cpu_state(scm), beta, eps, cft)
+    build = functools.partial(build_objective, mode=mode, hvae_arch=hvae.arch, hvae_state=cpu_state(hvae),
+                              pred_arch=guidance.arch, pred_state=cpu_state(guidance), scm_cfg=scm.cfg,
+                              scm_state=cpu_state(scm), beta=beta, eps=eps, cft_cfg=cft)
     phase = f"cft_{mode}"
     targets = dict(cft.target_auc) if cft.target_auc else truth_targets(data_root, hvae.arch.resolution, guidance,
                                                                          cft.select_images)

@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from cxrcf.cli import add_params
+from cxrcf.config import MODES
+
 DEFAULTS = {
     "guidance": "artifacts/models/guidance_predictor",
     "evaluation": "artifacts/models/evaluation_predictor",
@@ -22,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="phase", required=True, metavar="PHASE")
 
     def common(p, phase):
-        p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
+        add_params(p)
         p.add_argument("--data", default="data", help="dataset root (default data)")
         p.add_argument("--metrics", default=f"artifacts/metrics/{phase}.json", help="metrics JSON for DVC")
         return p
@@ -35,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = common(sub.add_parser("generator", help="HVAE pretraining"), "generator")
     p.add_argument("--out", default=DEFAULTS["generator"])
     p = sub.add_parser("cft", help="hard or soft counterfactual fine-tuning")
-    p.add_argument("--mode", required=True, choices=("hard", "soft"))
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--mode", required=True, choices=MODES)
+    add_params(p)
     p.add_argument("--data", default="data")
     p.add_argument("--generator", default=DEFAULTS["generator"])
     p.add_argument("--guidance", default=DEFAULTS["guidance"])

@@ -10,6 +10,7 @@ from typing import Any
 
 from cxrcf.errors import CxrcfError
 from cxrcf.fileio import write_json
+from store.runs import write_run_json
 
 
 def load_arrays(data_root: str, resolution: int, split: str):
@@ -38,7 +39,7 @@ def finite(metrics: dict[str, Any]) -> dict[str, float]:
 
 def run_fit(params, phase: str, tasks, extra_params: dict | None = None, **loop_kwargs):
     """Create the MLflow run, run one TorchTrainer.fit over `tasks`, return (FitResult, run_id)."""
-    from training import tracking
+    from store import tracking
     from training.loop import LoopConfig, fit, unique_name
 
     name = unique_name(phase)
@@ -60,26 +61,13 @@ def write_model(model, out_dir: str | Path, run_id: str, metrics: dict, meta: di
 
     out_dir = Path(out_dir)
     save_model(model, out_dir, meta={"run_id": run_id, **(meta or {})})
-    write_json(out_dir / "run.json", {"run_id": run_id, "metrics": finite(metrics)})
+    write_run_json(out_dir, run_id, finite(metrics))
     return out_dir
-
-
-def read_run_id(directory: str | Path) -> str | None:
-    """The MLflow run id in a model directory's run.json (None when the directory has none)."""
-    from cxrcf.fileio import read_json
-
-    path = Path(directory) / "run.json"
-    if not path.is_file():
-        return None
-    run = read_json(path)
-    if not isinstance(run, dict):
-        raise CxrcfError(f"{path}: not a JSON object with run_id")
-    return run.get("run_id")
 
 
 def finish(run_id: str, metrics: dict, metrics_file: str | Path | None, artifacts: dict[str, Path]) -> None:
     """Final metrics, artifacts (artifact path -> local file/dir) and the metrics JSON for DVC."""
-    from training import tracking
+    from store import tracking
 
     clean = finite(metrics)
     # Keys the workers already logged per step keep their history; only the summary-only ones are added.

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,9 @@ class LoopConfig:
     run_id: str | None = None
     tracking_uri: str | None = None
     progress_every: int = 0  # 0: about 20 lines per task
-    fault_at_step: int | None = None  # test hook: the last rank dies once at this step
-    fault_marker: str | None = None  # file whose existence means the fault already happened
+    # called as hook(task=index, step=step, rank=rank, world=world) before every training step on every
+    # worker (picklable; the tests inject a worker fault through one)
+    step_hooks: tuple[Callable[..., None], ...] = ()
     metric_prefix: bool = False  # prefix metric names with the task name (several tasks per fit)
 
 
@@ -244,7 +245,7 @@ class _Tracker:
 
     def flush(self) -> None:
         if self.on and self.rows:
-            from training.tracking import log_metrics
+            from store.tracking import log_metrics
 
             log_metrics(self.cfg.run_id, self.rows, self.cfg.tracking_uri)
             self.rows = []
@@ -306,7 +307,7 @@ def worker_main(config: dict) -> None:
         if index < start_task or task.name in finished_metrics:
             continue
         task_resume = resume if (resume and resume["task"] == index) else None
-        weights, metrics = _run_task(cfg, index, task, data, rank, world, device, tracker, task_resume,
+        weights, metrics = _run_task(cfg, index, task, _Worker(rank, world, device, tracker, data), task_resume,
                                      ckpt_dir if task_resume else None, finished_weights, finished_metrics)
         finished_weights[task.name] = weights
         finished_metrics[task.name] = metrics
@@ -332,14 +333,44 @@ def _write_finals(directory: Path, finished_weights: dict[str, dict]) -> None:
         save_tensors(state, directory / "final" / f"{name}.safetensors")
 
 
-def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Tracker, resume, ckpt_dir,
-              finished_weights, finished_metrics):
-    import ray.train
+@dataclass
+class _Worker:
+    """Where a task runs: this worker's rank among `world`, its device, tracker and data cache."""
+
+    rank: int
+    world: int
+    device: Any
+    tracker: _Tracker
+    data: Callable[[Task, str], tuple]
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint carries besides the weights: where training stands and its best so far."""
+
+    start: int = 0
+    skipped: int = 0
+    best: float | None = None
+    best_step: int | None = None
+    best_state: dict | None = None
+    val: dict = field(default_factory=dict)
+
+    @classmethod
+    def resumed(cls, resume: dict | None, ckpt_dir: Path | None) -> _Progress:
+        if not resume:
+            return cls()
+        best = resume.get("best")
+        return cls(start=resume["step"], skipped=resume.get("skipped", 0), best=best,
+                   best_step=resume.get("best_step"), val=dict(resume.get("val", {})),
+                   best_state=load_tensors(ckpt_dir / "best.safetensors") if best is not None else None)
+
+
+def _build(task: Task, device, resume: dict | None, ckpt_dir: Path | None):
+    """(objective, its model, EMA, DDP-wrapped objective, trained parameters, optimizer), resumed if asked."""
     import ray.train.torch
     import torch
 
     optim = task.optim
-    prefix = f"{task.name}/" if cfg.metric_prefix else ""
     torch.manual_seed(optim.seed)
     objective = task.build()
     model = objective.model
@@ -357,22 +388,52 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
     opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
     if resume:
         optimizer_from_files(opt, ckpt_dir, resume["optimizer"])
+    return objective, model, ema, wrapped, params, opt
 
-    x_train, p_train = data(task, "train")
-    shard = torch.arange(rank, len(x_train), world)
-    local_batch = shard_batch_size(optim.batch_size, rank, world)
-    batcher = Batcher(len(shard), local_batch, optim.seed + rank)
-    start = resume["step"] if resume else 0
-    batcher.skip(start)
-    skipped = resume.get("skipped", 0) if resume else 0
-    best = resume.get("best") if resume else None
-    best_step = resume.get("best_step") if resume else None
-    best_state = load_tensors(ckpt_dir / "best.safetensors") if (resume and best is not None) else None
-    val_metrics: dict[str, float] = dict(resume.get("val", {})) if resume else {}
+
+def _mixed_precision(device, optim: OptimConfig):
+    """(autocast on?, its dtype, a grad scaler for float16 or None)."""
+    import torch
 
     use_amp = device.type == "cuda" and optim.mixed_precision
     amp_dtype = torch.bfloat16 if (use_amp and torch.cuda.is_bf16_supported()) else torch.float16
     scaler = torch.amp.GradScaler("cuda") if (use_amp and amp_dtype == torch.float16) else None
+    return use_amp, amp_dtype, scaler
+
+
+def _task_metrics(task: Task, last: dict, progress: _Progress, train_time: float, timed_images: int,
+                  t_task: float) -> dict[str, float]:
+    optim = task.optim
+    metrics = {f"train_{k}": v for k, v in last.items()}
+    metrics.update({f"val_{k}": v for k, v in progress.val.items()})
+    if task.select is not None and progress.best is not None:
+        metrics[f"best_{task.select}"] = progress.best
+        metrics["best_step"] = float(progress.best_step)
+    metrics.update({"steps": float(optim.steps), "skipped_updates": float(progress.skipped),
+                    "resumed_step": float(progress.start),
+                    "images_per_s": timed_images / train_time if train_time > 0 else float("nan"),
+                    "wall_s": time.perf_counter() - t_task})
+    return metrics
+
+
+def _run_task(cfg: LoopConfig, index: int, task: Task, w: _Worker, resume: dict | None, ckpt_dir: Path | None,
+              finished_weights: dict, finished_metrics: dict):
+    """Train one task on this worker (from `resume` if given); returns (exported weights, metrics)."""
+    import ray.train
+    import torch
+
+    optim, rank, world, device, tracker = task.optim, w.rank, w.world, w.device, w.tracker
+    prefix = f"{task.name}/" if cfg.metric_prefix else ""
+    objective, model, ema, wrapped, params, opt = _build(task, device, resume, ckpt_dir)
+    progress = _Progress.resumed(resume, ckpt_dir)
+
+    x_train, p_train = w.data(task, "train")
+    shard = torch.arange(rank, len(x_train), world)
+    local_batch = shard_batch_size(optim.batch_size, rank, world)
+    batcher = Batcher(len(shard), local_batch, optim.seed + rank)
+    start = progress.start
+    batcher.skip(start)
+    use_amp, amp_dtype, scaler = _mixed_precision(device, optim)
 
     if rank == 0:
         say(f"[{task.name}] {world} worker(s) on {device.type}, {torch.get_num_threads()} thread(s) each, "
@@ -384,19 +445,18 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
     last: dict[str, float] = {}
 
     def validate() -> None:
-        nonlocal best, best_state, best_step
         if task.validate is None or rank != 0:
             return
-        x_val, p_val = data(task, "val")
+        x_val, p_val = w.data(task, "val")
         ema.model.eval()
         with torch.no_grad():
             res = task.validate(ema.model, x_val, p_val, device)
-        val_metrics.update(res)
+        progress.val.update(res)
         tracker.add(prefix + "val_", res, step)
         if task.select is not None:
             value = res[task.select]
-            if best is None or value < best:
-                best, best_state, best_step = value, cpu_state(ema.model), step
+            if progress.best is None or value < progress.best:
+                progress.best, progress.best_state, progress.best_step = value, cpu_state(ema.model), step
         say(f"[{task.name}] validation at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in res.items()))
 
     def checkpoint(step_done: int) -> None:
@@ -404,12 +464,12 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
         if rank == 0:
             save_tensors(cpu_state(model), directory / "model.safetensors")
             save_tensors(cpu_state(ema.model), directory / "ema.safetensors")
-            if best_state is not None:
-                save_tensors(best_state, directory / "best.safetensors")
+            if progress.best_state is not None:
+                save_tensors(progress.best_state, directory / "best.safetensors")
             groups = optimizer_to_files(opt, directory)
             _write_finals(directory, finished_weights)
-            state = {"task": index, "step": step_done, "skipped": skipped, "best": best, "best_step": best_step,
-                     "val": val_metrics,
+            state = {"task": index, "step": step_done, "skipped": progress.skipped, "best": progress.best,
+                     "best_step": progress.best_step, "val": progress.val,
                      "ema_updates": ema.updates,
                      "optimizer": groups, "finished": finished_metrics,
                      "extra": objective.extra_state() if hasattr(objective, "extra_state") else {}}
@@ -419,20 +479,8 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
                          checkpoint=ray.train.Checkpoint.from_directory(str(directory)) if rank == 0 else None)
         shutil.rmtree(directory, ignore_errors=True)
 
-    wrapped.train()
-    step = start
-    while step < optim.steps:
-        if cfg.fault_at_step is not None and step == cfg.fault_at_step and rank == world - 1 and index == 0:
-            marker = Path(cfg.fault_marker)
-            if not marker.exists():
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.write_text(f"killed at step {step}\n")
-                say(f"fault injection: rank {rank} exits at step {step}")
-                # The controller registers reported checkpoints when it polls the workers; waiting a
-                # few polls makes the test's "resume from the last checkpoint" independent of timing.
-                time.sleep(1.0 + 3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
-                os._exit(1)
-        t0 = time.perf_counter()
+    def train_step() -> dict[str, float]:
+        """One optimiser step on this worker's next batch; the metrics averaged over workers."""
         idx = shard[batcher.next()]
         x = x_train[idx].to(device, non_blocking=True)
         parents = {k: v[idx].to(device, non_blocking=True) for k, v in p_train.items()}
@@ -447,17 +495,25 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
         if applied:
             ema.update(model)
         else:
-            skipped += 1
+            progress.skipped += 1
         keys = list(out)
-        averaged = _average([float(out[k].detach()) for k in keys], world)
-        last = dict(zip(keys, averaged))
+        averaged = dict(zip(keys, _average([float(out[k].detach()) for k in keys], world), strict=True))
         # A skipped update leaves the objective's own state alone too (the reference steps its
         # Lagrange multiplier only with an applied generator update).
         if applied and hasattr(objective, "after_step"):
-            objective.after_step(last)
+            objective.after_step(averaged)
         if hasattr(objective, "extra_state"):
-            last.update(objective.extra_state())
-        last["grad_norm"] = float(grad_norm)
+            averaged.update(objective.extra_state())
+        averaged["grad_norm"] = float(grad_norm)
+        return averaged
+
+    wrapped.train()
+    step = start
+    while step < optim.steps:
+        for hook in cfg.step_hooks:
+            hook(task=index, step=step, rank=rank, world=world)
+        t0 = time.perf_counter()
+        last = train_step()
         step += 1
         dt = time.perf_counter() - t0
         # The first steps pay for lazy initialisation; leave them out of the throughput figure.
@@ -465,7 +521,7 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
             train_time += dt
             timed_images += optim.batch_size
         window_steps += 1
-        tracker.add(prefix, {**last, "lr": opt.param_groups[0]["lr"], "skipped": skipped}, step)
+        tracker.add(prefix, {**last, "lr": opt.param_groups[0]["lr"], "skipped": progress.skipped}, step)
         if rank == 0 and (step % every == 0 or step == optim.steps):
             now = time.perf_counter()
             ips = optim.batch_size * window_steps / max(now - window_t, 1e-9)
@@ -480,15 +536,9 @@ def _run_task(cfg, index, task: Task, data, rank, world, device, tracker: _Track
         if step % optim.checkpoint_every == 0 and step < optim.steps:
             checkpoint(step)
 
-    metrics = {f"train_{k}": v for k, v in last.items()}
-    metrics.update({f"val_{k}": v for k, v in val_metrics.items()})
-    if task.select is not None and best is not None:
-        metrics[f"best_{task.select}"] = best
-        metrics["best_step"] = float(best_step)
-    metrics.update({"steps": float(optim.steps), "skipped_updates": float(skipped), "resumed_step": float(start),
-                    "images_per_s": timed_images / train_time if train_time > 0 else float("nan"),
-                    "wall_s": time.perf_counter() - t_task})
-    weights = best_state if (task.select is not None and best_state is not None) else cpu_state(ema.model)
+    metrics = _task_metrics(task, last, progress, train_time, timed_images, t_task)
+    exported = progress.best_state if (task.select is not None and progress.best_state is not None) else None
+    weights = exported if exported is not None else cpu_state(ema.model)
     tracker.add(prefix, {k: v for k, v in metrics.items() if k.startswith(("images_per_s", "skipped"))}, step)
     tracker.flush()
     return weights, metrics

@@ -1,4 +1,4 @@
-"""Base64 PNG <-> 8-bit grayscale arrays, the image codec of the HTTP API.
+"""Base64 PNG <-> 8-bit grayscale arrays: the one image codec (HTTP API, MLflow pyfunc, clients).
 
 Accepted inputs (everything else is a 422 naming the field):
 - 8-bit grayscale PNG (mode L), 1-bit (mode 1) and palette PNGs whose colours are all gray;
@@ -22,6 +22,8 @@ import struct
 import numpy as np
 from PIL import Image
 
+from cxrcf.errors import CxrcfError
+
 MIN_SIDE = 8
 MAX_SIDE = 4096
 
@@ -35,8 +37,8 @@ HEADER_BYTES = 33  # signature, IHDR length and type, then width, height, depth,
 _HEADER_B64 = 44  # base64 characters that hold HEADER_BYTES
 
 
-class ImageError(ValueError):
-    """A request image that cannot be used; the message is for the client."""
+class ImageError(CxrcfError, ValueError):
+    """An image that cannot be used; the message is for the client (the API answers 422)."""
 
 
 class ImageTooLarge(ImageError):
