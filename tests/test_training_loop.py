@@ -168,3 +168,19 @@ def test_impossible_resource_request_is_a_clear_error(ray_cluster, tmp_path):
         fit(LoopConfig(tasks=[task]), RayConfig(num_workers=int(ray_cluster.cluster_resources().get("GPU", 0)) + 1,
                                                 cpus_per_worker=0.01, use_gpu=True, storage_path=str(tmp_path)),
             "no-gpu")
+
+
+def test_ray_train_report_and_checkpoint_chatter_is_silenced():
+    # The loggers Ray writes "Reporting training result ..." and "Checkpoint successfully created ..." to;
+    # if Ray moves them, this fails instead of the console quietly flooding again.
+    import logging
+
+    from ray.train.v2._internal.execution import context, storage
+    from ray.train.v2.torch import train_loop_utils
+
+    from training.loop import quiet_ray_train_logs
+
+    quiet_ray_train_logs()
+    for logger in (context.logger, storage.logger, train_loop_utils.logger):
+        assert not logger.isEnabledFor(logging.INFO), logger.name
+        assert logger.isEnabledFor(logging.WARNING), logger.name

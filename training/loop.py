@@ -25,7 +25,9 @@ No pickle is written. The fp16 GradScaler (GPUs without bf16 only) restarts from
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -262,11 +264,27 @@ def _average(values: list[float], world: int):
     return t.tolist()
 
 
+# Ray Train's worker logs each report, each persisted checkpoint and the device move at INFO: three long
+# lines per checkpoint that buried the progress lines of `make run`. Its warnings and errors still show.
+_RAY_TRAIN_CHATTY = ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage",
+                     "ray.train.v2.torch.train_loop_utils")
+
+
+def quiet_ray_train_logs() -> None:
+    for module in _RAY_TRAIN_CHATTY:
+        spec = importlib.util.find_spec(module)
+        # `context` names its logger by file path, the others by module name
+        for name in (module, spec.origin if spec else None):
+            if name:
+                logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def worker_main(config: dict) -> None:
     """`train_loop_per_worker`: runs every task of the LoopConfig, resuming from the last checkpoint."""
     import ray.train
     import ray.train.torch
 
+    quiet_ray_train_logs()
     cfg: LoopConfig = config["loop"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -526,7 +544,8 @@ def _run_task(cfg: LoopConfig, index: int, task: Task, w: _Worker, resume: dict 
             now = time.perf_counter()
             ips = optim.batch_size * window_steps / max(now - window_t, 1e-9)
             eta = (optim.steps - step) * (now - window_t) / max(window_steps, 1)
-            shown = {k: v for k, v in last.items() if k != "grad_norm"}
+            # the multiplier's Adam moments are optimiser state: in MLflow, not on the console
+            shown = {k: v for k, v in last.items() if k != "grad_norm" and not k.startswith("lam_adam")}
             say(format_progress(task.name, step, optim.steps, shown, ips, eta))
             window_t, window_steps = now, 0
             tracker.flush()
