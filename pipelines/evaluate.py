@@ -427,7 +427,7 @@ def _mlflow_rows(result: dict) -> list[tuple[str, float, int]]:
 def _log_to_mlflow(run_id: str, result: dict, out_json: Path, figures: list[Path]) -> None:
     from mlflow.exceptions import MlflowException
 
-    from training import tracking
+    from store import tracking
 
     try:
         tracking.log_metrics(run_id, _mlflow_rows(result))

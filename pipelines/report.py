@@ -422,7 +422,7 @@ def write_report(params, eval_dir, out, study_path=None, log_mlflow: bool = True
 
 
 def _log(params, out: Path, headline: dict) -> str:
-    from training import tracking
+    from store import tracking
 
     run_id = tracking.start_run(params, phase="report", run_name="report")
     ok = False

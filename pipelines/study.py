@@ -354,7 +354,7 @@ def _twice(v):
 
 def _log(params, out: Path, study: dict) -> str:
     """A "study" run in MLflow: the flat metrics, the verdict word as a tag, the JSONs and figures."""
-    from training import tracking
+    from store import tracking
 
     run_id = tracking.start_run(params, phase="study", run_name="study")
     ok = False

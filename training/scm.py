@@ -16,7 +16,7 @@ def train_scm(params, data_root, out_dir, metrics_file=None) -> dict:
 
     from cxrcf.data import load_metadata, parents_from_frame
     from cxrcf.scm import AttributeSCM
-    from training import tracking
+    from store import tracking
     from training.common import finish, write_model
     from training.loop import unique_name
 
