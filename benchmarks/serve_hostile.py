@@ -353,7 +353,7 @@ def main(argv=None) -> int:
     from cxrcf.config import ServeConfig, preset_params
     from cxrcf.fileio import write_json
 
-    params = preset_params(args.preset)
+    params = preset_params(args.preset, registry={"gates": {"generator_check": False}})  # see serve_load
     tmp = Path(tempfile.mkdtemp(prefix="cxrcf-serve-hostile-"))
 
     import httpx
