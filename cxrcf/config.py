@@ -206,7 +206,8 @@ class GeneratorCheckConfig(Strict):
     # scores ~0.5 here; what they must carry is the image's own evidence (min_probe_r2).
     min_probe_auc: float | None = Field(None, ge=0, le=1)
     min_probe_r2: float = Field(0.2, le=1)  # ... -> the simulator's per-image evidence
-    max_l1_ratio: float = Field(1.0, gt=0)  # L1(x*, truth) / L1(x, truth) per intervention, below this
+    # L1(x*, truth) / L1(x, truth) per intervention, below this, over the images whose truth x determines
+    max_l1_ratio: float = Field(1.0, gt=0)
     probe_images: int = Field(1000, ge=12)
 
 

@@ -241,6 +241,28 @@ def counterfactual_evidence(frame, do_values: Mapping[str, np.ndarray]) -> dict[
     return evidence(counterfactual_attributes(cols, do_values), cols)
 
 
+# Noise whose effect the renderer multiplies by the attribute (effusion size and side: `_scalars`), so an
+# image with the attribute at 0 holds no trace of it. No model can recover it from such an image: the
+# true counterfactual that adds the attribute is not identifiable from x, and the best a model can do is
+# draw that noise from its prior (SCIENCE.md section 6, "better than doing nothing").
+HIDDEN_WHEN_ABSENT = {"finding": ("z_eff", "z_eff_other", "u_side")}
+
+
+def redraw_hidden_noise(frame, attr: str, seed: int):
+    """A copy of metadata+exogenous rows whose noise hidden by `attr` = 0 is drawn afresh from its prior,
+    in those rows only (rounded as stored): the ideal model's counterfactual of adding `attr`."""
+    hidden = HIDDEN_WHEN_ABSENT.get(attr, ())
+    out = frame.copy()
+    absent = np.flatnonzero(_codes(np.asarray(frame[attr]), attr) == 0)
+    rng = np.random.default_rng(seed)
+    for name in hidden:
+        draw = rng.uniform(1e-6, 1 - 1e-6, len(absent)) if name in UNIFORM_NOISE else rng.standard_normal(len(absent))
+        column = out[name].to_numpy(dtype=np.float64, copy=True)
+        column[absent] = np.round(draw, FLOAT_DECIMALS)
+        out[name] = column
+    return out
+
+
 # Ambiguity of each attribute's own evidence, from the simulator's noise alone (never a predictor).
 AMBIGUOUS_BELOW = 0.9  # sex, race: the simulator's posterior of the factual class under equal priors
 SMALL_EFFUSION = 0.05  # finding: an effusion filling less than 5% of lung height

@@ -230,9 +230,51 @@ class _Evaluator:
         print(f"[evaluate] rendered {self.n} true counterfactuals x {len(self.do)} interventions "
               f"in {time.perf_counter() - t0:.1f} s", flush=True)
         self.truth_probs = {k: self._predict(v) for k, v in truth.items()}
-        # what doing nothing scores: the unedited image against each true counterfactual
-        self.x_l1_truth = {k: float((self.x - v).abs().mean()) for k, v in truth.items()}
+        # what doing nothing scores: the unedited image against each true counterfactual, per image
+        self.x_l1_img = {k: _l1_per_image(self.x, v) for k, v in truth.items()}
+        self.ideal_l1_img = self._ideal_l1(truth)
         return truth
+
+    def _ideal_l1(self, truth: dict) -> dict:
+        """Per-image L1 to the truth of the ideal model, for each do(k) whose truth x does not determine:
+        the simulator's own counterfactual with the noise hidden by k = 0 drawn afresh (synth.HIDDEN_WHEN_ABSENT)."""
+        from cxrcf.data import to_model_images
+        from cxrcf.synth import HIDDEN_WHEN_ABSENT, redraw_hidden_noise, render_counterfactuals
+
+        out = {}
+        for k in HIDDEN_WHEN_ABSENT:
+            if k not in self.do:
+                continue
+            frame = redraw_hidden_noise(self.frame, k, self.cfg.seed + 2)
+            values = {a: v.cpu().numpy() for a, v in self.do[k].items()}
+            ideal = to_model_images(render_counterfactuals(frame, values), self.resolution)
+            out[k] = _l1_per_image(ideal, truth[k])
+        return out
+
+    def _l1_ratios(self, l1_img: dict) -> dict:
+        """L1(x*, truth) / L1(x, truth): pooled, by flip direction of sex and finding, and over the images
+        whose true counterfactual x determines (what the generator check gates)."""
+        import numpy as np
+
+        from cxrcf.synth import HIDDEN_WHEN_ABSENT
+
+        def ratio(model, nothing, mask=None):
+            model, nothing = np.asarray(model, dtype=np.float64), np.asarray(nothing, dtype=np.float64)
+            if mask is not None:
+                model, nothing = model[mask], nothing[mask]
+            return float(model.mean() / max(nothing.mean(), 1e-12)) if len(model) else float("nan")
+
+        factual = {a: self.parents_np[a] for a in ("sex", "finding")}
+        by_direction = {k: {"0to1": ratio(l1_img[k], self.x_l1_img[k], factual[k] == 0),
+                            "1to0": ratio(l1_img[k], self.x_l1_img[k], factual[k] == 1)} for k in factual}
+        # adding an attribute whose noise the image hides has no determined truth: those images are left out
+        identifiable = {k: ratio(l1_img[k], self.x_l1_img[k], factual[k] == 1 if k in HIDDEN_WHEN_ABSENT else None)
+                        for k in INTERVENTIONS}
+        ideal = {k: {"all": ratio(v, self.x_l1_img[k]), "0to1": ratio(v, self.x_l1_img[k], factual[k] == 0)}
+                 for k, v in self.ideal_l1_img.items()}
+        return {"l1_ratio_per_intervention": {k: ratio(l1_img[k], self.x_l1_img[k]) for k in INTERVENTIONS},
+                "l1_ratio_by_direction": by_direction, "l1_ratio_identifiable": identifiable,
+                "ideal_l1_ratio": ideal}
 
     def probe_latents(self) -> dict:
         """KL per block and linear probes on the abducted latents of the first `check.probe_images` images."""
@@ -283,7 +325,7 @@ class _Evaluator:
         n_back = min(self.n, self.cfg.reversibility_images)
         chunks = {t: {k: [] for k in keys} for t in t_values}
         diff_x = {t: dict.fromkeys(keys, 0.0) for t in t_values}
-        diff_truth = {t: dict.fromkeys(keys, 0.0) for t in t_values}
+        diff_truth = {t: {k: [] for k in keys} for t in t_values}  # per-image L1, for ratios by direction
         diff_back = dict.fromkeys(keys, 0.0)
         kept = {k: [] for k in keys}
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
@@ -301,7 +343,7 @@ class _Evaluator:
                         chunks[t][k].append({a: v.float().cpu().numpy() for a, v in out.items()})
                         diff_x[t][k] += float((xs - x).abs().sum())
                         if self.truth is not None:
-                            diff_truth[t][k] += float((xs - self.truth[k][s].to(self.device)).abs().sum())
+                            diff_truth[t][k].append(_l1_per_image(xs, self.truth[k][s].to(self.device)).cpu())
                     xs = per_t[0]
                     if k != "null" and s.start < n_back:
                         m = min(s.stop, n_back) - s.start
@@ -316,8 +358,8 @@ class _Evaluator:
         for t in t_values:
             probs = {k: {a: np.concatenate([c[a] for c in chunks[t][k]]) for a in chunks[t][k][0]} for k in keys}
             back = {k: diff_back[k] / (pixels * n_back) for k in INTERVENTIONS} if t == t_main else None
-            blocks[t] = self._block(probs, {k: v / (pixels * self.n) for k, v in diff_x[t].items()},
-                                    {k: v / (pixels * self.n) for k, v in diff_truth[t].items()}, back)
+            l1_truth = {k: torch.cat(v) for k, v in diff_truth[t].items()} if self.truth is not None else None
+            blocks[t] = self._block(probs, {k: v / (pixels * self.n) for k, v in diff_x[t].items()}, l1_truth, back)
             if t == t_main:
                 probs_main = probs
         return blocks, probs_main, {k: torch.cat(v).numpy() for k, v in kept.items() if v}
@@ -350,12 +392,11 @@ class _Evaluator:
                                     self.parents_np, self.groups)
             truth_eff = {k: _effectiveness(self.truth_probs[k], targets[k], k) for k in INTERVENTIONS}
             block["ground_truth"] = {
-                "cf_l1": float(np.mean([l1_truth[k] for k in INTERVENTIONS])),
-                "cf_l1_per_intervention": l1_truth,
-                "x_l1_per_intervention": {k: self.x_l1_truth[k] for k in INTERVENTIONS},
+                "cf_l1": float(np.mean([float(l1_truth[k].mean()) for k in INTERVENTIONS])),
+                "cf_l1_per_intervention": {k: float(v.mean()) for k, v in l1_truth.items()},
+                "x_l1_per_intervention": {k: float(self.x_l1_img[k].mean()) for k in INTERVENTIONS},
                 # below 1: the model lands closer to the true counterfactual than doing nothing
-                "l1_ratio_per_intervention": {k: l1_truth[k] / max(self.x_l1_truth[k], 1e-12)
-                                              for k in INTERVENTIONS},
+                **self._l1_ratios(l1_truth),
                 "amplification": gt["amplification"],
                 "drift": gt["drift"],
                 # What the predictor's beliefs do between x and the TRUE counterfactual (the floor a
@@ -365,6 +406,11 @@ class _Evaluator:
                 "effectiveness_mean_auc": _headline_auc(truth_eff),
             }
         return block
+
+
+def _l1_per_image(a, b):
+    """Mean absolute pixel difference of each image pair, (N,), in the model's [-1, 1] scale."""
+    return (a - b).abs().flatten(1).mean(1)
 
 
 def _headline_auc(effectiveness: dict) -> float:

@@ -92,6 +92,19 @@ def test_json_has_the_stable_keys(evaluated):
     assert set(gt["effectiveness"]) == {"sex", "race", "finding", "age"}
 
 
+def test_l1_ratios_by_direction_and_over_the_images_whose_truth_x_determines(evaluated):
+    gt = evaluated["result"]["ground_truth"]
+    ratio, ident, by_dir = gt["l1_ratio_per_intervention"], gt["l1_ratio_identifiable"], gt["l1_ratio_by_direction"]
+    assert set(by_dir) == {"sex", "finding"} and all(set(v) == {"0to1", "1to0"} for v in by_dir.values())
+    # do(finding) is gated on removals only; every other intervention on all images
+    assert ident["finding"] == pytest.approx(by_dir["finding"]["1to0"])
+    assert all(ident[k] == pytest.approx(ratio[k]) for k in ("sex", "race", "age"))
+    # pooled = both directions weighted by their share of x's own L1 to the truth
+    assert min(by_dir["sex"].values()) - 1e-9 <= ratio["sex"] <= max(by_dir["sex"].values()) + 1e-9
+    # the ideal model draws the effusion it cannot see: farther than x when adding one
+    assert gt["ideal_l1_ratio"]["finding"]["0to1"] > 1.0
+
+
 def test_null_intervention_is_identity_at_t_u_one(evaluated):
     res = evaluated["result"]
     assert res["composition_l1"] < 1e-4

@@ -64,6 +64,17 @@ def test_each_failed_check_is_named_in_one_line(kwargs, failed):
     assert failed in out["summary"] and "\n" not in out["summary"]
 
 
+def test_the_l1_check_reads_the_identifiable_ratio_when_there_is_one():
+    # the ideal model: pooled ~1.0 because adding an unseen effusion is a guess, 0 where x shows it
+    ideal = _result(ratios=(0.5, 0.5, 1.01))
+    ideal["ground_truth"]["l1_ratio_identifiable"] = {"sex": 0.5, "race": 0.5, "finding": 0.0}
+    assert run_check(ideal, GeneratorCheckConfig())["passed"]
+    keeps_the_effusion = _result(ratios=(0.5, 0.5, 0.9))
+    keeps_the_effusion["ground_truth"]["l1_ratio_identifiable"] = {"sex": 0.5, "race": 0.5, "finding": 1.3}
+    out = run_check(keeps_the_effusion, GeneratorCheckConfig())
+    assert out["failed"] == ["beats_doing_nothing.finding_l1_ratio"] and "1.300" in out["summary"]
+
+
 def test_the_attribute_probe_is_gated_only_when_a_floor_is_set():
     leaky_free = _result(probe=0.5)  # exogenous latents: no parent information, as they should be
     assert run_check(leaky_free, GeneratorCheckConfig())["passed"]

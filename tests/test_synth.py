@@ -112,6 +112,25 @@ def test_do_finding_changes_only_the_basal_region(small_data):
     assert (gain > 5).mean() > 0.1 and (gain < 0.5).mean() > 0.05
 
 
+def test_hidden_noise_leaves_no_trace_in_an_image_without_the_attribute(small_data):
+    """What HIDDEN_WHEN_ABSENT claims, checked against the renderer: redrawing that noise changes no
+    factual image, yet changes the true counterfactual of adding the attribute."""
+    frame = split_frame(small_data, "all")
+    absent = (frame["finding"] == "no_finding").to_numpy()
+    assert absent.any() and (~absent).any()
+    redrawn = synth.redraw_hidden_noise(frame, "finding", seed=3)
+    for name in set(frame.columns) - set(synth.HIDDEN_WHEN_ABSENT["finding"]):
+        assert frame[name].equals(redrawn[name]), name
+    for name in synth.HIDDEN_WHEN_ABSENT["finding"]:
+        assert np.array_equal(frame[name].to_numpy()[~absent], redrawn[name].to_numpy()[~absent])
+        assert not np.array_equal(frame[name].to_numpy()[absent], redrawn[name].to_numpy()[absent])
+    assert np.array_equal(synth.render_counterfactuals(frame, {}), synth.render_counterfactuals(redrawn, {}))
+    added = {"finding": np.ones(len(frame), int)}
+    x_true, x_drawn = synth.render_counterfactuals(frame, added), synth.render_counterfactuals(redrawn, added)
+    assert np.array_equal(x_true[~absent], x_drawn[~absent])
+    assert (np.abs(x_true[absent].astype(int) - x_drawn[absent]).max(axis=(1, 2)) > 0).mean() > 0.5
+
+
 def test_do_age_recomputes_finding_from_its_noise(small_data):
     frame = split_frame(small_data, "all")
     n = len(frame)
