@@ -362,10 +362,9 @@ def main(argv=None) -> int:
 
     from serving import ingress
     from serving.app import APP_NAME, build_app, wait_ready
-    from serving.policy import ServePolicy
 
-    cfg = ServeConfig.model_validate({**params.serve.model_dump(), "reload_poll_s": 1.0})
-    policy = ServePolicy(lkg_dir=str(tmp / "lkg"), reload_backoff_s=2.0)
+    cfg = ServeConfig.model_validate({**params.serve.model_dump(), "reload_poll_s": 1.0, "lkg_dir": str(tmp / "lkg"),
+                                      "reload_backoff_s": 2.0})
     port = _free_port()
     proxy = f"http://127.0.0.1:{port}"
     os.environ.update(ingress.ray_env(cfg))
@@ -386,7 +385,7 @@ def main(argv=None) -> int:
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},
            "serve": {k: getattr(cfg, k) for k in ("max_batch_size", "batch_wait_timeout_s", "max_ongoing_requests",
                                                   "max_interventions", "max_body_bytes", "num_cpus")},
-           "policy": policy.model_dump(exclude={"lkg_dir"})}
+           "policy": cfg.model_dump(exclude={"lkg_dir", "canary", "host", "port", "model_alias", "direct_port"})}
     try:
         server["proc"] = _mlflow_server(tmp, mlflow_port)
         os.environ["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{mlflow_port}"
@@ -394,7 +393,7 @@ def main(argv=None) -> int:
         print(f"serve_hostile: mlflow server on {os.environ['MLFLOW_TRACKING_URI']}; registering in {tmp}", flush=True)
         name = _register(params, tmp / "model")
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg, name, alias="champion", api_keys=[KEY], policy=policy), name=APP_NAME,
+        serve.run(build_app(cfg, name, alias="champion", api_keys=[KEY]), name=APP_NAME,
                   route_prefix="/", blocking=False)
         wait_ready(proxy)
         direct = ingress.wait_urls(cfg, APP_NAME)[0]

@@ -168,14 +168,13 @@ def main(argv=None) -> int:
 
     from serving import ingress
     from serving.app import APP_NAME, build_app, wait_ready
-    from serving.policy import ServePolicy
 
     base = params.serve.model_dump()
     base.update({k: v for k, v in {"num_cpus": args.num_cpus, "parallel_min_batch": args.parallel_min_batch}.items()
                  if v is not None})
     base.update(num_gpus=args.num_gpus, max_batch_size=args.max_batch_size, direct_ingress=args.via == "direct",
                 max_ongoing_requests=max(base["max_ongoing_requests"], 2 * args.max_batch_size, max(args.concurrency)),
-                reload_poll_s=3600.0)
+                reload_poll_s=3600.0, lkg_dir=str(tmp / "lkg"))
     if args.batch_wait_timeout_s is not None:
         base["batch_wait_timeout_s"] = args.batch_wait_timeout_s
     port = _free_port()
@@ -189,8 +188,7 @@ def main(argv=None) -> int:
         for batching in (True, False):
             cfg = ServeConfig.model_validate({**base, **({} if batching else {"max_batch_size": 1})})
             # every protection at its default (serving/policy.py); only the local copy goes to the temp dir
-            policy = ServePolicy(lkg_dir=str(tmp / "lkg"))
-            serve.run(build_app(cfg, name, alias="champion", policy=policy), name=APP_NAME, route_prefix="/",
+            serve.run(build_app(cfg, name, alias="champion"), name=APP_NAME, route_prefix="/",
                       blocking=False)
             health = wait_ready(proxy_url)
             url = _direct_url(cfg) if args.via == "direct" else proxy_url

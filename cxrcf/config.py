@@ -254,9 +254,39 @@ class RegistryConfig(Strict):
 
 
 DIRECT_PORT_SPAN = 100  # ports from serve.direct_port that replicas may take (a rolling update needs a spare)
+# Hard caps of the request schema (serving/schemas.py): pydantic refuses more before building the
+# request; serve.max_interventions and serve.max_image_id_chars may only lower them.
+INTERVENTIONS_CAP = 64
+IMAGE_ID_CAP = 128
+
+
+class CanaryConfig(Strict):
+    """Traffic between the served alias (`serve.model_alias`, the champion) and a candidate alias.
+
+    Each request's X-Request-ID decides, by hash, whether the candidate answers it (`weight`) and,
+    if the champion answers, whether a copy goes to the candidate too (`shadow`): the copy's answer
+    is only scored by the evaluation predictor (online effectiveness), never returned.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    alias: str = Field("candidate", min_length=1)
+    weight: float = Field(0.0, ge=0, le=1, allow_inf_nan=False, description="share answered by the candidate")
+    shadow: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                          description="share of the champion's requests mirrored to the candidate")
+    # mirrored requests a replica holds at once; more are skipped (counted) rather than queued
+    max_shadow_pending: int = Field(8, ge=1)
+
+    @property
+    def on(self) -> bool:
+        return self.weight > 0 or self.shadow > 0
 
 
 class ServeConfig(Strict):
+    """`cxrcf serve` and every replica's run-time settings: the whole section travels to the
+    replicas in the deployment's user_config, so a `serve deploy` config can change it at run time."""
+
+    # strict: a quoted "64" in params.yaml or a deploy config is refused, not silently converted
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     model_alias: str = "champion"
@@ -268,8 +298,6 @@ class ServeConfig(Strict):
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
-    max_interventions: int = Field(8, ge=1)
-    max_body_bytes: int = Field(8_000_000, ge=1024)
     reload_poll_s: float = Field(5.0, gt=0)
     # Batches smaller than this run on one torch thread: a small pass gains little from a second
     # thread, whose spinning takes the CPU that the replica's event loop needs to parse requests.
@@ -278,11 +306,53 @@ class ServeConfig(Strict):
     # direct_port upwards, so that clients can skip the Serve proxy (port keeps working).
     direct_ingress: bool = True
     direct_port: int = Field(8100, ge=1, le=65536 - DIRECT_PORT_SPAN)
+    # what a request that gives no t_u gets (the pixel-noise temperature, SCIENCE.md section 3)
+    t_u: TU = 1.0
+
+    # budgets, checked from the request and the PNG header before any decoding or inference
+    max_body_bytes: int = Field(8_000_000, ge=1024)
+    max_interventions: int = Field(8, ge=1, le=INTERVENTIONS_CAP)
+    max_image_id_chars: int = Field(IMAGE_ID_CAP, ge=1, le=IMAGE_ID_CAP)
+    max_pixels: int = Field(1024 * 1024, ge=64, description="width x height of an input image")
+    max_reply_bytes: int = Field(16_000_000, ge=100_000,
+                                 description="worst case of the reply: every counterfactual PNG at the input's size")
+    # backpressure and deadlines. Serve's proxy counts a burst's requests as queued until it has
+    # assigned them to replicas, so max_queued_requests is also the largest burst one proxy takes.
+    max_queued_requests: int = Field(64, ge=1, description="requests Serve queues beyond max_ongoing_requests, "
+                                     "per proxy and per replica's direct port; more are answered 503")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503 for overload")
+    request_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False,
+                                     description="a request's deadline inside the replica (504)")
+    batch_timeout_s: float = Field(20.0, gt=0, allow_inf_nan=False,
+                                   description="one batched forward pass's deadline (504 for its batch)")
+    unhealthy_after_batch_timeouts: int = Field(3, ge=1, description="consecutive batch timeouts that fail check_health")
+    health_check_period_s: float = Field(5.0, gt=0)
+    # registry faults (the policy: serving/policy.py)
+    stale_after_s: float = Field(60.0, gt=0, description="alias check age after which the alias is reported stale")
+    reload_backoff_s: float = Field(5.0, gt=0, description="first retry delay of a version that failed to load")
+    reload_backoff_max_s: float = Field(600.0, gt=0)
+    registry_timeout_s: float = Field(5.0, gt=0, description="MLflow HTTP timeout in replicas (no minute-long retries)")
+    # last-known-good copies of served versions; None: $CXRCF_SERVE_CACHE, else ~/.cache/cxrcf/serving
+    lkg_dir: str | None = None
+    canary: CanaryConfig = CanaryConfig()
 
     @model_validator(mode="after")
     def _batches_can_fill(self):
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError("max_ongoing_requests must be >= max_batch_size or batches never fill")
+        return self
+
+    @model_validator(mode="after")
+    def _backoff_grows(self):
+        if self.reload_backoff_max_s < self.reload_backoff_s:
+            raise ValueError(f"reload_backoff_max_s {self.reload_backoff_max_s:g} is below reload_backoff_s "
+                             f"{self.reload_backoff_s:g}")
+        return self
+
+    @model_validator(mode="after")
+    def _canary_is_another_alias(self):
+        if self.canary.on and self.canary.alias == self.model_alias:
+            raise ValueError(f"canary.alias {self.canary.alias!r} is model_alias itself; name the candidate's alias")
         return self
 
     @model_validator(mode="after")

@@ -14,10 +14,11 @@
 - A batch of at least `parallel_min_batch` requests runs on as many torch threads as the replica
   has CPUs; smaller ones on one, which batch-1 serving is fastest with. Replicas (fixed or autoscaled) and
   `num_gpus` per replica scale the whole service; on GPU the pass runs under bf16 autocast.
-- Run-time settings live in the deployment's user_config: max_batch_size, batch_wait_timeout_s,
-  reload_poll_s, body and intervention limits, the SHA-256 digests of the API keys and the
-  protections of serving/policy.py. The same dict goes to the constructor, so a replica never
-  answers before its keys and limits are in force (fail closed), and `reconfigure` applies later
+- Run-time settings live in the deployment's user_config: the whole params `serve` section
+  (ServeConfig: batching, budgets, deadlines, registry-fault settings, the canary; the policy is in
+  serving/policy.py) and the SHA-256 digests of the API keys. The same dict goes to the
+  constructor, so a replica never answers before its keys and limits are in force (fail closed),
+  and `reconfigure` applies later
   changes. Serve applies a user_config change in place for config-file deployments (`serve
   deploy`); a `serve.run` redeploy (what `cxrcf serve` and the tests do) counts as new code in Ray
   2.60 and rolls the replicas.
@@ -29,6 +30,12 @@
   started with, so in-flight requests finish on the old version and none is dropped. Registry
   faults (unreachable, a version that fails to load, a deleted alias) follow the policy in
   serving/policy.py; every served version is kept as a verified local copy to start from.
+- Canary (serve.canary): the replica may hold a second slot following the `candidate` alias. A hash
+  of X-Request-ID picks the arm that answers (weight) and whether the champion's request is also
+  mirrored to the candidate in the background (shadow), where it is only scored. Requests of both
+  arms share the batch queue; a batch runs one forward pass per arm. Both models in one replica
+  rather than a second deployment: Serve has no traffic split to lean on, a second deployment
+  would put an actor hop on every request again, and the tiny bundles cost little memory twice.
 """
 
 # No `from __future__ import annotations`: Serve rebuilds the route methods of the ingress class
@@ -58,7 +65,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cxrcf.config import ServeConfig
+from cxrcf.config import CanaryConfig, ServeConfig
 from cxrcf.errors import CxrcfError
 from cxrcf.png import (
     ImageError,
@@ -72,10 +79,12 @@ from cxrcf.png import (
 )
 from serving import auth
 from serving.engine import Item, ItemResult, run_batch
-from serving.policy import ServePolicy, reply_bytes
+from serving.policy import lkg_dir, reply_bytes
 from serving.schemas import (
     AliasState,
+    ArmStats,
     BatchStats,
+    CanaryInfo,
     Counterfactual,
     CounterfactualRequest,
     CounterfactualResponse,
@@ -154,9 +163,9 @@ def _one_line(err: Exception) -> str:
 
 
 # ---------------------------------------------------------------------------- last-known-good copy
-def _lkg_root(policy: ServePolicy, source: ModelSource) -> Path:
+def _lkg_root(cfg: ServeConfig, source: ModelSource) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.name)
-    return Path(policy.lkg_dir) / safe
+    return lkg_dir(cfg) / safe
 
 
 def _pointer(source: ModelSource) -> str:
@@ -168,9 +177,9 @@ def _hashes(directory: Path) -> dict[str, str]:
             for f in sorted(directory.rglob("*")) if f.is_file()}
 
 
-def keep_lkg(policy: ServePolicy, source: ModelSource, state: Loaded) -> Path:
+def keep_lkg(cfg: ServeConfig, source: ModelSource, state: Loaded) -> Path:
     """Save the served version locally with SHA-256 digests, and point the alias at it."""
-    root = _lkg_root(policy, source)
+    root = _lkg_root(cfg, source)
     target = root / f"v{state.version}"
     if not (target / "manifest.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
@@ -198,11 +207,11 @@ def keep_lkg(policy: ServePolicy, source: ModelSource, state: Loaded) -> Path:
     return target
 
 
-def load_lkg(policy: ServePolicy, source: ModelSource) -> Loaded:
+def load_lkg(cfg: ServeConfig, source: ModelSource) -> Loaded:
     """The verified local copy of the version `source` last served; CxrcfError naming what is wrong."""
     from cxrcf.bundle import GeneratorBundle
 
-    root = _lkg_root(policy, source)
+    root = _lkg_root(cfg, source)
     pointer = root / _pointer(source)
     if not pointer.is_file():
         raise CxrcfError(f"no last-known-good copy of {source.uri()} in {root}")
@@ -234,14 +243,13 @@ class ModelSlot:
     Every registry fault leaves a served, verified model in place; the policy is in serving/policy.py.
     """
 
-    def __init__(self, source: ModelSource, policy: ServePolicy | None = None):
+    def __init__(self, source: ModelSource, config: ServeConfig | None = None):
         from store.models import resolve_alias
 
         self.source = source
-        self.policy = policy or ServePolicy()
+        self.config = config or ServeConfig()
         self._resolve = resolve_alias
         self.reloads = 0
-        self.poll_s = ServeConfig().reload_poll_s
         self.withdrawn = False
         self.reachable = True
         self.last_ok: float | None = None
@@ -259,7 +267,7 @@ class ModelSlot:
             self.reachable = False
             self.last_error = _one_line(err)
             try:
-                self.state = load_lkg(self.policy, source)
+                self.state = load_lkg(self.config, source)
             except CxrcfError as lkg_err:
                 raise CxrcfError(f"{source.uri()}: registry failed ({self.last_error}) and {lkg_err}") from None
             log.warning("cxrcf: registry failed (%s); serving the last-known-good copy of version %s",
@@ -274,19 +282,18 @@ class ModelSlot:
 
     def _keep(self) -> None:
         try:
-            keep_lkg(self.policy, self.source, self.state)
+            keep_lkg(self.config, self.source, self.state)
         except (OSError, CxrcfError) as err:  # serving matters more than the spare copy
-            log.warning("cxrcf: cannot keep a last-known-good copy in %s (%s)", self.policy.lkg_dir, err)
+            log.warning("cxrcf: cannot keep a last-known-good copy in %s (%s)", lkg_dir(self.config), err)
 
     def _report(self) -> None:
         record("served_version", float(self.state.version), {"model": self.state.name,
                                                              "alias": self.source.alias or ""})
 
-    def follow(self, poll_s: float, policy: ServePolicy | None = None) -> None:
-        """Start (once) following the alias; a pinned version never changes."""
-        self.poll_s = poll_s
-        if policy is not None:
-            self.policy = policy
+    def follow(self, config: ServeConfig | None = None) -> None:
+        """Start (once) following the alias every reload_poll_s; a pinned version never changes."""
+        if config is not None:
+            self.config = config
         if self.source.version is None and self._watcher is None:
             self._watcher = threading.Thread(target=self._watch, name="cxrcf-alias-watch", daemon=True)
             self._watcher.start()
@@ -295,7 +302,7 @@ class ModelSlot:
         self._stop.set()
 
     def _watch(self) -> None:
-        while not self._stop.wait(self.poll_s):
+        while not self._stop.wait(self.config.reload_poll_s):
             self.check()
 
     def check(self) -> None:
@@ -328,7 +335,7 @@ class ModelSlot:
             fresh = _load(self.source, version)
         except Exception as err:  # noqa: BLE001 -- a broken version must never replace a working one
             count = failed.count + 1 if failed else 1
-            delay = min(self.policy.reload_backoff_s * 2 ** (count - 1), self.policy.reload_backoff_max_s)
+            delay = min(self.config.reload_backoff_s * 2 ** (count - 1), self.config.reload_backoff_max_s)
             self.failure = Failure(version, count, time.monotonic() + delay, _one_line(err))
             self.last_error = self.failure.error
             record("reload_failures", 1, {"version": version})
@@ -350,7 +357,7 @@ class ModelSlot:
             state = "pinned"
         elif self.withdrawn:
             state = "withdrawn"
-        elif age is None or age > self.policy.stale_after_s:
+        elif age is None or age > self.config.stale_after_s:
             state = "stale"
         else:
             state = "current"
@@ -376,7 +383,14 @@ _METRIC_KINDS = {
     "reload_failures": ("counter", "cxrcf_reload_failures", "versions that failed to load", ("version",)),
     "served_version": ("gauge", "cxrcf_served_version", "the model version each replica serves",
                        ("model", "alias")),
-    "arm_requests": ("counter", "cxrcf_arm_requests", "counterfactual requests by traffic arm", ("arm", "version")),
+    "arm_requests": ("counter", "cxrcf_arm_requests", "requests by canary arm", ("arm", "version")),
+    # the evaluation predictor's probability of the intervened value on the counterfactual
+    "online_effectiveness": ("histogram", "cxrcf_online_effectiveness", "P(intervened value | counterfactual)",
+                             ("arm", "version", "attribute"), [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99]),
+    "online_age_error": ("histogram", "cxrcf_online_age_error", "|predicted age - do(age)|, years",
+                         ("arm", "version"), [1, 2, 5, 10, 20, 40, 80]),
+    "shadow_skipped": ("counter", "cxrcf_shadow_skipped", "mirrors skipped at max_shadow_pending", ()),
+    "shadow_failures": ("counter", "cxrcf_shadow_failures", "mirrored requests that failed", ()),
 }
 
 
@@ -421,21 +435,28 @@ api = FastAPI(
 # and reconfigure. Only module-level functions touch them: Serve ships the ingress class by value,
 # and a method that named this dict (or `api`) directly would get its own copy instead of the one the
 # middleware reads. key_digests None = not configured yet: every keyed route answers 503 (fail closed).
-_RUNTIME: dict[str, Any] = {"max_body_bytes": ServeConfig().max_body_bytes,
-                            "max_interventions": ServeConfig().max_interventions, "key_digests": None,
-                            "max_ongoing_requests": ServeConfig().max_ongoing_requests, "policy": ServePolicy(),
-                            "service": None}
+_RUNTIME: dict[str, Any] = {"config": ServeConfig(), "key_digests": None, "service": None}
 
 
 def runtime() -> dict[str, Any]:
     return _RUNTIME
 
 
-def configure_runtime(config: dict) -> None:
-    _RUNTIME.update(max_body_bytes=int(config["max_body_bytes"]), max_interventions=int(config["max_interventions"]),
-                    key_digests=list(config.get("api_key_digests") or []),
-                    max_ongoing_requests=int(config.get("max_ongoing_requests", ServeConfig().max_ongoing_requests)),
-                    policy=ServePolicy.model_validate(config.get("policy") or {}))
+def configure_runtime(config: dict) -> ServeConfig:
+    """Apply a user_config ({"serve": ServeConfig fields, "api_key_digests": [...]}); a bad one raises
+    CxrcfError naming the field, and the replica keeps what it had (Serve reports the failed update)."""
+    from pydantic import ValidationError
+
+    from cxrcf.config import format_validation_error
+
+    try:
+        cfg = ServeConfig.model_validate(config["serve"])
+    except KeyError:
+        raise CxrcfError("user_config: no 'serve' section (build it with serving.app.user_config)") from None
+    except ValidationError as err:
+        raise CxrcfError(format_validation_error(err, "user_config serve")) from None
+    _RUNTIME.update(config=cfg, key_digests=list(config.get("api_key_digests") or []))
+    return cfg
 
 
 def _attach(service) -> None:
@@ -536,16 +557,16 @@ async def _guarded(app, scope, receive, send):
         if path not in PUBLIC_PATHS:
             if rt["key_digests"] is None:
                 return await _refuse(503, "service", "starting: not configured yet", scope, receive, tagged,
-                                     retry=rt["policy"].retry_after_s)
+                                     retry=rt["config"].retry_after_s)
             if not auth.authorized(_headers(scope), rt["key_digests"]):
                 return await _refuse(401, "X-API-Key", "missing or unknown API key (send X-API-Key or "
                                      "Authorization: Bearer)", scope, receive, tagged)
-        receive = await _limit_body(scope, receive, tagged, rt["max_body_bytes"])
+        receive = await _limit_body(scope, receive, tagged, rt["config"].max_body_bytes)
         if receive is None:
             return None
         if path != COUNTERFACTUALS:
             return await app(scope, receive, tagged)
-        timeout = rt["policy"].request_timeout_s
+        timeout = rt["config"].request_timeout_s
         try:
             return await asyncio.wait_for(app(scope, receive, tagged), timeout)
         except TimeoutError:
@@ -656,7 +677,7 @@ def _metadata(root: str, load_metadata):
     return _METADATA[root]
 
 
-def _reply(req: CounterfactualRequest, result: ItemResult, ref: dict, height: int, width: int) -> bytes:
+def _reply(req: CounterfactualRequest, t_u: float, result: ItemResult, ref: dict, height: int, width: int) -> bytes:
     factual_p = probabilities(result.probabilities)
     out = []
     for intervention, cf in zip(req.interventions, result.counterfactuals):
@@ -669,7 +690,7 @@ def _reply(req: CounterfactualRequest, result: ItemResult, ref: dict, height: in
         factual=Factual(image_id=req.image_id, height=height, width=width,
                         parents=parents_from_codes(result.parents), parents_inferred=result.inferred,
                         probabilities=factual_p),
-        counterfactuals=out, model=ModelRef(batch_size=result.batch_size, **ref), t_u=req.t_u, seed=req.seed,
+        counterfactuals=out, model=ModelRef(batch_size=result.batch_size, **ref), t_u=t_u, seed=req.seed,
     ).model_dump_json().encode()
 
 
@@ -707,96 +728,245 @@ class BatchTimeout(Exception):
     pass
 
 
+# ----------------------------------------------------------------------------------------- canary
+def share(request_id: str, salt: str) -> float:
+    """Where `request_id` falls in [0, 1): the same id always lands in the same place (replicas agree,
+    a client can retry into the same arm, and tests can pick ids), and `salt` decorrelates the draws."""
+    digest = hashlib.sha256(f"{salt}:{request_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def route(request_id: str, canary: CanaryConfig) -> tuple[str, bool]:
+    """(the arm that answers, whether a copy goes to the candidate as a shadow)."""
+    if share(request_id, "weight") < canary.weight:
+        return "candidate", False
+    return "champion", share(request_id, "shadow") < canary.shadow
+
+
+ARMS = ("champion", "candidate", "shadow")
+
+
+class CanaryTally:
+    """Online effectiveness per arm: the evaluation predictor's probability of each intervened value
+    on the counterfactual (age: absolute error in years), as running means and as metrics."""
+
+    def __init__(self):
+        self.requests = dict.fromkeys(ARMS, 0)
+        self.versions: dict[str, str | None] = dict.fromkeys(ARMS)
+        self.sums: dict[str, dict[str, float]] = {arm: {} for arm in ARMS}
+        self.counts: dict[str, dict[str, int]] = {arm: {} for arm in ARMS}
+        self.shadow_skipped = 0
+        self.shadow_failed = 0
+
+    def observe(self, arm: str, version: str, interventions: list[dict], result: ItemResult) -> None:
+        self.requests[arm] += 1
+        self.versions[arm] = version
+        record("arm_requests", 1, {"arm": arm, "version": version})
+        for do, cf in zip(interventions, result.counterfactuals):
+            p = probabilities(cf["probabilities"])
+            for attr, value in do.items():
+                if attr == "age":
+                    key, score = "age_error_years", abs(p.age - float(value))
+                    record("online_age_error", score, {"arm": arm, "version": version})
+                else:
+                    key, score = attr, getattr(p, attr)[value]
+                    record("online_effectiveness", score, {"arm": arm, "version": version, "attribute": attr})
+                self.sums[arm][key] = self.sums[arm].get(key, 0.0) + score
+                self.counts[arm][key] = self.counts[arm].get(key, 0) + 1
+
+    def arms(self) -> dict[str, ArmStats]:
+        return {arm: ArmStats(requests=self.requests[arm], version=self.versions[arm],
+                              effectiveness={k: self.sums[arm][k] / n for k, n in self.counts[arm].items()})
+                for arm in ARMS}
+
+
 @serve.ingress(api)
 class CounterfactualService:
-    def __init__(self, source: dict, data_root: str | None = None, config: dict | None = None):
+    def __init__(self, source: dict, data_root: str | None = None, config: dict | None = None, runner=None):
+        """`runner` replaces engine.run_batch as the batched forward pass (tests inject a slow one to
+        exercise the batch deadline); production passes None."""
         import ray
         import torch
 
         # the keys and limits are in force before this replica can answer anything (fail closed)
-        if config is not None:
-            configure_runtime(config)
-        policy = runtime()["policy"]
+        cfg = configure_runtime(config) if config is not None else runtime()["config"]
         source = ModelSource.model_validate(source)
         os.environ.update(source.env)
         # MLflow's defaults retry an unreachable server for minutes; a replica must notice in seconds
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(policy.registry_timeout_s)))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(cfg.registry_timeout_s)))
         # Torch threads: one for small batches, the CPUs Ray reserved for this replica for large ones
         # (parallel_min_batch); more than reserved would only fight the other replicas.
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         self._cpus = max(1, int(cpus))
         torch.set_num_threads(1)
-        self._slot = ModelSlot(source, policy)
+        self._runner = runner or run_batch
+        self._slot = ModelSlot(source, cfg)
         self._data_root = data_root
         self._batching = (8, 0.02)  # what @serve.batch below starts with, until reconfigure
-        self._parallel_min_batch = ServeConfig().parallel_min_batch
         self._batches = 0
         self._requests = 0
         self._batch_timeouts = 0
         self._batch_started: float | None = None
+        try:
+            from ray.serve import get_replica_context
+
+            self._replica = get_replica_context().replica_id.unique_id
+        except Exception:  # noqa: BLE001 -- outside Serve (a unit test) there is no replica id
+            self._replica = f"pid-{os.getpid()}"
+        # the canary's candidate: loaded now when configured (so the first request can go to it),
+        # retried by a thread while it is missing
+        self._candidate: ModelSlot | None = None
+        self._candidate_error: str | None = None
+        self._candidate_lock = threading.Lock()
+        self._tally = CanaryTally()
+        self._shadows: set[asyncio.Task] = set()
+        self._stop = threading.Event()
+        self._sync_candidate()
+        threading.Thread(target=self._retry_candidate, name="cxrcf-candidate", daemon=True).start()
         _attach(self)
 
     def reconfigure(self, config: dict) -> None:
-        configure_runtime(config)
-        self._batching = (int(config["max_batch_size"]), float(config["batch_wait_timeout_s"]))
-        self._parallel_min_batch = int(config["parallel_min_batch"])
-        self.batched.set_max_batch_size(self._batching[0])
-        self.batched.set_batch_wait_timeout_s(self._batching[1])
-        self._slot.follow(float(config["reload_poll_s"]), runtime()["policy"])
+        cfg = configure_runtime(config)
+        self._batching = (cfg.max_batch_size, cfg.batch_wait_timeout_s)
+        self.batched.set_max_batch_size(cfg.max_batch_size)
+        self.batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._slot.follow(cfg)
+        self._sync_candidate()
 
+    # -------------------------------------------------------------------------------- candidate
+    def _sync_candidate(self) -> None:
+        """Load, keep or drop the candidate's slot as serve.canary now says (never raises)."""
+        cfg: ServeConfig = runtime()["config"]
+        with self._candidate_lock:
+            held = self._candidate
+            if held is not None and (not cfg.canary.on or held.source.alias != cfg.canary.alias):
+                held.stop()
+                self._candidate = held = None
+            if not cfg.canary.on:
+                self._candidate_error = None
+                return
+            if held is not None:
+                held.follow(cfg)
+                return
+            source = self._slot.source.model_copy(update={"alias": cfg.canary.alias, "version": None})
+            try:
+                slot = ModelSlot(source, cfg)
+            except Exception as err:  # noqa: BLE001 -- no candidate is a normal state: all traffic to the champion
+                self._candidate_error = _one_line(err)
+                log.info("cxrcf: canary: no candidate from %s (%s); the champion answers everything",
+                         source.uri(), self._candidate_error)
+                return
+            slot.follow(cfg)
+            self._candidate, self._candidate_error = slot, None
+
+    def _retry_candidate(self) -> None:
+        while not self._stop.wait(runtime()["config"].reload_poll_s):
+            if self._candidate is None and runtime()["config"].canary.on:
+                self._sync_candidate()
+
+    def _live_candidate(self) -> ModelSlot | None:
+        slot = self._candidate
+        return slot if slot is not None and not slot.withdrawn else None
+
+    async def _mirror(self, item: Item) -> None:
+        """The shadow: the candidate's answer to a copy of a request, scored and dropped."""
+        try:
+            result, ref = await self.batched(("candidate", item))
+        except Exception as err:  # noqa: BLE001 -- a failing shadow must never touch the champion's answers
+            self._tally.shadow_failed += 1
+            record("shadow_failures", 1)
+            log.warning("cxrcf: canary: a shadow request failed (%s)", _one_line(err))
+            return
+        if ref["arm"] != "candidate":
+            return  # the candidate left between routing and batching: the champion's answer says nothing of it
+        self._tally.observe("shadow", ref["version"], item.interventions, result)
+
+    # ----------------------------------------------------------------------------------- health
     def check_health(self) -> None:
         """Serve restarts a replica whose batches keep missing their deadline (a hung forward pass)."""
-        policy = runtime()["policy"]
-        if self._batch_timeouts >= policy.unhealthy_after_batch_timeouts:
+        cfg: ServeConfig = runtime()["config"]
+        if self._batch_timeouts >= cfg.unhealthy_after_batch_timeouts:
             raise RuntimeError(f"{self._batch_timeouts} consecutive batches missed batch_timeout_s "
-                               f"{policy.batch_timeout_s:g}s")
+                               f"{cfg.batch_timeout_s:g}s")
         stuck = self._batch_started is not None and time.monotonic() - self._batch_started
-        if stuck and stuck > policy.batch_timeout_s * policy.unhealthy_after_batch_timeouts:
+        if stuck and stuck > cfg.batch_timeout_s * cfg.unhealthy_after_batch_timeouts:
             raise RuntimeError(f"a forward pass has run for {stuck:.0f}s")
 
     def __del__(self):
-        slot = getattr(self, "_slot", None)
-        if slot is not None:
-            slot.stop()
+        for slot in (getattr(self, "_slot", None), getattr(self, "_candidate", None)):
+            if slot is not None:
+                slot.stop()
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
 
+    # ---------------------------------------------------------------------------------- batches
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def batched(self, items: list[Item]) -> list[tuple[ItemResult, dict]]:
-        state = self._slot.state
-        threads = self._cpus if len(items) >= self._parallel_min_batch else 1
-        timeout = runtime()["policy"].batch_timeout_s
-        work = asyncio.get_running_loop().run_in_executor(_pool("infer"), self._run, state.bundle, items, threads)
+    async def batched(self, requests: list[tuple[str, Item]]) -> list[tuple[ItemResult, dict]]:
+        # each arm's state as this batch starts: a reload or a canary change mid-batch changes nothing here
+        states = {"champion": self._slot.state}
+        candidate = self._live_candidate()
+        if candidate is not None:
+            states["candidate"] = candidate.state
+        groups: dict[str, list[int]] = {}
+        for i, (arm, _) in enumerate(requests):
+            groups.setdefault(arm if arm in states else "champion", []).append(i)
+        passes = [(states[arm], [requests[i][1] for i in rows]) for arm, rows in groups.items()]
+        threads = self._cpus if len(requests) >= runtime()["config"].parallel_min_batch else 1
+        timeout = runtime()["config"].batch_timeout_s
+        work = asyncio.get_running_loop().run_in_executor(_pool("infer"), self._run, passes, threads)
         try:
             results = await asyncio.wait_for(asyncio.shield(work), timeout)
         except TimeoutError:
             self._batch_timeouts += 1
             record("batch_timeouts", 1)
-            log.error("cxrcf: a batch of %d missed batch_timeout_s %gs (%d in a row)", len(items), timeout,
+            log.error("cxrcf: a batch of %d missed batch_timeout_s %gs (%d in a row)", len(requests), timeout,
                       self._batch_timeouts)
             raise BatchTimeout(f"the batch missed its deadline of {timeout:g}s (serve.batch_timeout_s)") from None
         self._batch_timeouts = 0
         self._batches += 1
-        self._requests += len(items)
-        record("batch_size", len(items))
-        ref = {"name": state.name, "version": state.version, "alias": state.alias, "mode": state.mode}
-        return [(r, ref) for r in results]
+        self._requests += len(requests)
+        record("batch_size", len(requests))
+        out: list[Any] = [None] * len(requests)
+        for (arm, rows), part in zip(groups.items(), results):
+            s = states[arm]
+            ref = {"name": s.name, "version": s.version, "alias": s.alias, "mode": s.mode, "arm": arm}
+            for i, r in zip(rows, part):
+                out[i] = (r, ref)
+        return out
 
-    def _run(self, bundle, items, threads):
+    def _run(self, passes, threads):
+        """One forward pass per arm in the batch, one after the other on the inference thread."""
         self._batch_started = time.monotonic()
         try:
-            return run_batch(bundle, items, threads)
+            return [self._runner(state.bundle, items, threads) for state, items in passes]
         finally:
             self._batch_started = None
+
+    # ----------------------------------------------------------------------------------- routes
+    def _canary_info(self) -> CanaryInfo | None:
+        canary = runtime()["config"].canary
+        if not canary.on and not any(self._tally.requests.values()):
+            return None
+        slot = self._candidate
+        return CanaryInfo(alias=canary.alias, weight=canary.weight, shadow=canary.shadow,
+                          candidate_version=slot.state.version if slot else None,
+                          candidate_state=slot.alias_state() if slot else None,
+                          candidate_error=self._candidate_error, shadow_pending=len(self._shadows),
+                          shadow_skipped=self._tally.shadow_skipped, shadow_failed=self._tally.shadow_failed,
+                          arms=self._tally.arms())
 
     def _info(self) -> dict:
         s = self._slot.state
         return ModelInfo(
             name=s.name, version=s.version, alias=s.alias, mode=s.mode, uri=s.uri, resolution=s.bundle.resolution,
             metrics=s.metrics, device=str(s.bundle.device), loaded_at=s.loaded_at, reloads=self._slot.reloads,
+            replica=self._replica,
             stats=BatchStats(batches=self._batches, requests=self._requests,
                              mean_batch_size=self._requests / self._batches if self._batches else 0.0,
                              max_batch_size=self._batching[0], batch_wait_timeout_s=self._batching[1]),
-            alias_state=self._slot.alias_state(),
+            alias_state=self._slot.alias_state(), canary=self._canary_info(),
         ).model_dump()
 
     def _model_headers(self) -> dict[str, str]:
@@ -831,28 +1001,29 @@ class CounterfactualService:
 
     @api.post(COUNTERFACTUALS, response_model=CounterfactualResponse, dependencies=[Depends(require_key)],
               responses=ERRORS)
-    async def counterfactuals(self, req: CounterfactualRequest) -> Response:
-        rt = runtime()
-        policy: ServePolicy = rt["policy"]
+    async def counterfactuals(self, req: CounterfactualRequest, request: Request) -> Response:
+        cfg: ServeConfig = runtime()["config"]
         if self._slot.withdrawn:
             raise ApiError(503, "model", f"{self._slot.source.uri()} was removed from the registry: the model is "
                            "withdrawn until the alias points to a version again", {"Retry-After": "60"})
-        limit = rt["max_interventions"]
-        if len(req.interventions) > limit:
-            raise ApiError(422, "interventions",
-                           f"{len(req.interventions)} given; at most {limit} per request (serve.max_interventions)")
+        if len(req.interventions) > cfg.max_interventions:
+            raise ApiError(422, "interventions", f"{len(req.interventions)} given; at most {cfg.max_interventions} "
+                           "per request (serve.max_interventions)")
+        if req.image_id is not None and len(req.image_id) > cfg.max_image_id_chars:
+            raise ApiError(422, "image_id", f"{len(req.image_id)} characters; at most {cfg.max_image_id_chars} "
+                           "(serve.max_image_id_chars)")
         if req.image is not None:
             try:
                 width, height = peek_size(req.image)
-                check_size(width, height, policy.max_pixels)
+                check_size(width, height, cfg.max_pixels)
             except ImageTooLarge as err:
                 raise ApiError(413, "image", str(err)) from None
             except ImageError as err:
                 raise ApiError(422, "image", str(err)) from None
-            _check_reply(len(req.interventions), height, width, policy.max_reply_bytes)
+            _check_reply(len(req.interventions), height, width, cfg.max_reply_bytes)
             inline = width * height <= INLINE_PIXELS and len(req.image) <= INLINE_CHARS
             try:
-                pixels = await _off_loop(decode_png, req.image, policy.max_pixels, inline=inline)
+                pixels = await _off_loop(decode_png, req.image, cfg.max_pixels, inline=inline)
             except ImageTooLarge as err:
                 raise ApiError(413, "image", str(err)) from None
             except ImageError as err:
@@ -863,36 +1034,52 @@ class CounterfactualService:
                 raise ApiError(422, "image_id", "this server has no dataset (start it with --data DIR)")
             try:
                 pixels, parents = await _off_loop(_read_dataset_image, self._data_root, req.image_id,
-                                                  policy.max_pixels, inline=False)
+                                                  cfg.max_pixels, inline=False)
             except CxrcfError as err:
                 raise ApiError(422, "image_id", f"cannot read the dataset ({err})") from None
-            _check_reply(len(req.interventions), *pixels.shape, policy.max_reply_bytes)
+            _check_reply(len(req.interventions), *pixels.shape, cfg.max_reply_bytes)
         if req.parents is not None:
             parents = req.parents.model_dump()
         height, width = pixels.shape
+        t_u = cfg.t_u if req.t_u is None else req.t_u
         item = Item(pixels=pixels, parents=parents, interventions=[i.values() for i in req.interventions],
-                    t_u=req.t_u, seed=req.seed)
+                    t_u=t_u, seed=req.seed)
+        arm, mirror = "champion", False
+        if cfg.canary.on and self._live_candidate() is not None:
+            # Serve's proxy and direct ingress put the client's X-Request-ID (or a fresh one) here
+            arm, mirror = route(request.headers.get("x-request-id") or uuid.uuid4().hex, cfg.canary)
         try:
-            result, ref = await self.batched(item)
+            result, ref = await self.batched((arm, item))
         except BatchTimeout as err:
             raise ApiError(504, "model", str(err)) from None
         except Exception as err:
             log.exception("cxrcf: batch failed")
             raise ApiError(503, "model", f"inference failed ({type(err).__name__}); try again",
-                           {"Retry-After": str(policy.retry_after_s)}) from None
-        body = await _off_loop(_reply, req, result, ref, height, width, inline=height * width <= INLINE_PIXELS)
+                           {"Retry-After": str(cfg.retry_after_s)}) from None
+        if cfg.canary.on:
+            self._tally.observe(ref["arm"], ref["version"], item.interventions, result)
+            if mirror:
+                self._shadow(item, cfg.canary.max_shadow_pending)
+        body = await _off_loop(_reply, req, t_u, result, ref, height, width, inline=height * width <= INLINE_PIXELS)
         headers = {"X-Model-Version": ref["version"], "X-Model-Alias": ref["alias"] or ""}
         # already a validated CounterfactualResponse: sending its JSON spares FastAPI a second validation
         return Response(body, media_type="application/json", headers=headers)
 
+    def _shadow(self, item: Item, max_pending: int) -> None:
+        # bounded: under load the shadow is what gives way, not the answers
+        if len(self._shadows) >= max_pending:
+            self._tally.shadow_skipped += 1
+            record("shadow_skipped", 1)
+            return
+        task = asyncio.get_running_loop().create_task(self._mirror(item))
+        self._shadows.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._shadows.discard)
+
 
 # ------------------------------------------------------------------------------------- building
-def user_config(cfg: ServeConfig, api_keys: list[str], policy: ServePolicy | None = None) -> dict:
-    return {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
-            "reload_poll_s": cfg.reload_poll_s, "max_body_bytes": cfg.max_body_bytes,
-            "parallel_min_batch": cfg.parallel_min_batch, "max_ongoing_requests": cfg.max_ongoing_requests,
-            "max_interventions": cfg.max_interventions, "api_key_digests": auth.digests(api_keys),
-            "policy": (policy or ServePolicy()).model_dump()}
+def user_config(cfg: ServeConfig, api_keys: list[str]) -> dict:
+    """What every replica gets, at construction and on reconfigure: the serve section and the keys' digests."""
+    return {"serve": cfg.model_dump(mode="json"), "api_key_digests": auth.digests(api_keys)}
 
 
 def _scaling(cfg: ServeConfig) -> dict:
@@ -904,15 +1091,14 @@ def _scaling(cfg: ServeConfig) -> dict:
 
 
 def build_app(cfg: ServeConfig, name: str, alias: str | None = None, version: str | None = None,
-              data_root: str | None = None, api_keys: list[str] | None = None, policy: ServePolicy | None = None):
-    """The bound Serve application (pass it to `serve.run`)."""
+              data_root: str | None = None, api_keys: list[str] | None = None, runner=None):
+    """The bound Serve application (pass it to `serve.run`). `runner`: see CounterfactualService."""
     if (alias is None) == (version is None):
         raise CxrcfError("model: give exactly one of an alias or a version")
     env = {k: os.environ[k] for k in ENV_PASSED if os.environ.get(k)}
     source = ModelSource(name=name, alias=alias, version=version, env=env)
-    policy = policy or ServePolicy()
     actor = {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
-    config = user_config(cfg, api_keys or [], policy)
+    config = user_config(cfg, api_keys or [])
     # The same config goes to the constructor, so keys and limits hold from the replica's first
     # request: Serve calls reconfigure only after the direct-ingress server has started.
     return serve.deployment(CounterfactualService).options(
@@ -920,12 +1106,12 @@ def build_app(cfg: ServeConfig, name: str, alias: str | None = None, version: st
         ray_actor_options=actor,
         max_ongoing_requests=cfg.max_ongoing_requests,
         # the Serve proxy's queue (its 503s); the replica bounds its own queue for direct clients
-        max_queued_requests=policy.max_queued_requests,
-        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=policy.retry_after_s),
-        health_check_period_s=policy.health_check_period_s,
+        max_queued_requests=cfg.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
+        health_check_period_s=cfg.health_check_period_s,
         user_config=config,
         **_scaling(cfg),
-    ).bind(source.model_dump(), str(data_root) if data_root else None, config)
+    ).bind(source.model_dump(), str(data_root) if data_root else None, config, runner)
 
 
 def wait_ready(url: str, timeout_s: float = 120.0) -> dict:

@@ -3,6 +3,7 @@
     cxrcf serve [--params params.yaml] [--model-name N] [--alias A | --version V]
                 [--host H] [--port P] [--data DIR] [--replicas N|auto] [--num-gpus G]
                 [--max-batch-size B] [--batch-wait-timeout-s S]
+                [--canary-weight W] [--shadow F] [--canary-alias A]
 
 Defaults come from params.serve (127.0.0.1:8000, alias champion) and params.registry.generator_name.
 API keys: CXRCF_API_KEYS (comma-separated); required when --host is not a loopback address, and so
@@ -12,6 +13,12 @@ On a loopback host with a local cluster Ray's auth stays off unless RAY_AUTH_MOD
 Uses the Ray cluster of RAY_ADDRESS when set, else starts a local one. With serve.direct_ingress
 (default) each replica also answers on its own port from serve.direct_port (8100) up, skipping
 Serve's proxy: the fast path for heavy clients (serving/ingress.py).
+
+Canary (params.serve.canary): `--canary-weight 0.1` has the `candidate` alias answer 10% of requests
+(chosen by a hash of X-Request-ID; headers X-Model-Alias / X-Model-Version say who answered);
+`--shadow 0.25` mirrors a quarter of the champion's requests to the candidate and only scores its
+answers (GET /v1/model `canary`, metrics cxrcf_online_effectiveness). The canary, like every limit
+and deadline, reaches the replicas in the deployment's user_config (serving/app.py).
 """
 
 from __future__ import annotations
@@ -41,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-gpus", type=float, help="GPUs per model replica (default params.serve.num_gpus)")
     p.add_argument("--max-batch-size", type=int, help="default params.serve.max_batch_size")
     p.add_argument("--batch-wait-timeout-s", type=float, help="default params.serve.batch_wait_timeout_s")
+    p.add_argument("--canary-weight", type=float,
+                   help="share of requests the candidate alias answers, 0-1 (default params.serve.canary.weight)")
+    p.add_argument("--shadow", type=float, help="share of the champion's requests mirrored to the candidate, "
+                                                "0-1, scored and never returned (default params.serve.canary.shadow)")
+    p.add_argument("--canary-alias", help="the candidate's alias (default params.serve.canary.alias)")
     p.add_argument("--metrics-port", type=int, default=None,
                    help="Prometheus endpoint of the local Ray cluster's metrics (Serve's and cxrcf_*); "
                         "default: a port Ray picks")
@@ -60,6 +72,9 @@ def serve_config(params, args):
     if args.replicas is not None:
         overrides["num_replicas"] = args.replicas if args.replicas == "auto" else _int("--replicas", args.replicas)
     merged = {**params.serve.model_dump(), **overrides}
+    canary = {k: v for k, v in {"weight": args.canary_weight, "shadow": args.shadow,
+                                "alias": args.canary_alias}.items() if v is not None}
+    merged["canary"] = {**merged["canary"], **canary}
     # More replicas than max_replicas would make max_replicas meaningless for a fixed count.
     if isinstance(merged["num_replicas"], int):
         merged["max_replicas"] = max(merged["max_replicas"], merged["num_replicas"])
@@ -152,6 +167,9 @@ def main(argv: list[str]) -> int:
                   name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{cfg.client_host}:{cfg.port}"
         health = wait_ready(url)
+        if cfg.canary.on:
+            print(f"serve: canary: alias {cfg.canary.alias!r} answers {cfg.canary.weight:.0%} of requests and "
+                  f"shadows {cfg.canary.shadow:.0%} of the rest", file=sys.stderr, flush=True)
         print(f"serve: ready at {url} (model {health['model']} version {health['version']}; docs at {url}/docs; "
               f"API keys {'on' if keys else 'off'}; Ray token auth {os.environ.get('RAY_AUTH_MODE') or 'default'}); "
               "Ctrl-C stops", file=sys.stderr, flush=True)

@@ -72,11 +72,13 @@ class Client:
         return self._check(self._http.get("/v1/model"))
 
     def counterfactuals(self, image: str | Path | np.ndarray | None, interventions: Sequence[Mapping[str, Any]],
-                        parents: Mapping[str, Any] | None = None, t_u: float = 1.0, seed: int = 0,
+                        parents: Mapping[str, Any] | None = None, t_u: float | None = None, seed: int = 0,
                         image_id: str | None = None) -> dict:
-        """`image`: a PNG path or a uint8 (H, W) array (or None with `image_id`). Adds `pixels`
-        (numpy uint8) beside every base64 `image` of the reply."""
-        body: dict[str, Any] = {"interventions": [dict(i) for i in interventions], "t_u": t_u, "seed": seed}
+        """`image`: a PNG path or a uint8 (H, W) array (or None with `image_id`); `t_u` None: the
+        server's serve.t_u. Adds `pixels` (numpy uint8) beside every base64 `image` of the reply."""
+        body: dict[str, Any] = {"interventions": [dict(i) for i in interventions], "seed": seed}
+        if t_u is not None:
+            body["t_u"] = t_u
         if image is not None:
             body["image"] = _encode(image)
         if image_id is not None:

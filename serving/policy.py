@@ -1,8 +1,9 @@
-"""Protection settings of the online API: budgets, backpressure, deadlines, registry-fault policy.
+"""Protection policy of the online API: budgets, backpressure, deadlines, registry faults, canary.
 
-They travel to every replica in the deployment's user_config next to params.serve's settings, so a
-`serve deploy` config file can change them at run time. Defaults are sized for the CPU service
-(a 64 px model) and a handful of concurrent clients per replica; every refusal names its setting.
+Their settings are `ServeConfig` fields (params.yaml `serve:`, cxrcf/config.py, defaults sized for
+the CPU service, a 64 px model and a handful of concurrent clients per replica); the whole section
+travels to every replica in the deployment's user_config, so a `serve deploy` config file can
+change them at run time. Every refusal names its setting.
 
 Registry-fault policy (README, "Serving counterfactuals"):
 - registry unreachable: keep serving the loaded version; /v1/model and /readyz say `stale` once the
@@ -15,6 +16,8 @@ Registry-fault policy (README, "Serving counterfactuals"):
   deleting it). Liveness (/healthz) stays 200: restarting the replica would not help.
 - replica start with the registry down: start from the last-known-good copy (`lkg_dir`) of the
   version this alias last served, verified by SHA-256, and report source `last-known-good`.
+- the canary's candidate alias missing, withdrawn or failing to load: every request goes to the
+  champion (nothing is mirrored) and the replica keeps trying every `reload_poll_s`; /v1/model says why.
 """
 
 from __future__ import annotations
@@ -22,37 +25,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from cxrcf.config import ServeConfig
 
 
-def default_lkg_dir() -> str:
-    return os.environ.get("CXRCF_SERVE_CACHE") or str(Path.home() / ".cache" / "cxrcf" / "serving")
-
-
-class ServePolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    # budgets: checked from the PNG header and the request before any decoding or inference
-    max_pixels: int = Field(1024 * 1024, ge=64, description="width x height of an input image")
-    max_reply_bytes: int = Field(16_000_000, ge=100_000,
-                                 description="worst-case size of the reply: every counterfactual PNG at the input's size")
-    # backpressure and deadlines
-    # Serve's proxy counts a burst's requests as queued until it has assigned them to replicas, so
-    # this is also the largest burst one proxy takes at once
-    max_queued_requests: int = Field(64, ge=1, description="requests Serve queues beyond max_ongoing_requests, "
-                                     "per proxy and per replica's direct port; more are answered 503")
-    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 503 for overload")
-    request_timeout_s: float = Field(30.0, gt=0, description="a request's deadline inside the replica (504)")
-    batch_timeout_s: float = Field(20.0, gt=0, description="one batched forward pass's deadline (504 for its batch)")
-    unhealthy_after_batch_timeouts: int = Field(3, ge=1,
-                                                description="consecutive batch timeouts that fail check_health")
-    health_check_period_s: float = Field(5.0, gt=0)
-    # registry faults
-    stale_after_s: float = Field(60.0, gt=0, description="alias check age after which the alias is reported stale")
-    reload_backoff_s: float = Field(5.0, gt=0, description="first retry delay of a version that failed to load")
-    reload_backoff_max_s: float = Field(600.0, gt=0)
-    registry_timeout_s: float = Field(5.0, gt=0, description="MLflow HTTP timeout in replicas (no minute-long retries)")
-    lkg_dir: str = Field(default_factory=default_lkg_dir, description="last-known-good copies of served versions")
+def lkg_dir(cfg: ServeConfig) -> Path:
+    """Where a replica keeps its last-known-good copies (serve.lkg_dir, else $CXRCF_SERVE_CACHE, else ~/.cache)."""
+    chosen = cfg.lkg_dir or os.environ.get("CXRCF_SERVE_CACHE") or str(Path.home() / ".cache" / "cxrcf" / "serving")
+    return Path(chosen)
 
 
 def reply_bytes(interventions: int, height: int, width: int) -> int:

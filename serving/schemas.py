@@ -12,17 +12,16 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cxrcf.attributes import AGE_MAX, AGE_MIN, ATTRIBUTES, VOCAB
-from cxrcf.config import TU
+from cxrcf.config import IMAGE_ID_CAP, INTERVENTIONS_CAP, TU
 
 Sex = Literal["male", "female"]
 Race = Literal["white", "asian", "black"]
 Finding = Literal["no_finding", "pleural_effusion"]
 Age = Annotated[float, Field(ge=AGE_MIN, le=AGE_MAX, allow_inf_nan=False, description="years")]
 
-# Hard caps in the schema itself, so that pydantic refuses an absurd request before building it;
-# the run-time limit on interventions (serve.max_interventions) is lower and checked after parsing.
-IMAGE_ID_MAX_CHARS = 128
-INTERVENTIONS_CAP = 64
+# Hard caps in the schema itself (cxrcf/config.py), so that pydantic refuses an absurd request before
+# building it; the run-time limits (serve.max_interventions, serve.max_image_id_chars) may be lower
+# and are checked after parsing.
 
 # the API's value names must be exactly the vocabulary the models were trained with
 assert VOCAB == {"sex": Sex.__args__, "race": Race.__args__, "finding": Finding.__args__}
@@ -65,13 +64,13 @@ class Intervention(_Request):
 
 class CounterfactualRequest(_Request):
     image: str | None = Field(None, description="base64 PNG, 1-channel grayscale (8 or 16 bit), any size")
-    image_id: str | None = Field(None, min_length=1, max_length=IMAGE_ID_MAX_CHARS,
+    image_id: str | None = Field(None, min_length=1, max_length=IMAGE_ID_CAP,
                                  description="an id of the served dataset's metadata.csv")
     parents: Parents | None = Field(
         None, description="factual parents; inferred by the evaluation predictor when omitted "
                           "(for image_id: taken from the dataset's labels)")
     interventions: list[Intervention] = Field(min_length=1, max_length=INTERVENTIONS_CAP)
-    t_u: TU = Field(1.0, description="pixel-noise temperature")
+    t_u: TU | None = Field(None, description="pixel-noise temperature; omitted: the server's serve.t_u (1.0)")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seeds the abduction noise of the batch")
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
@@ -130,6 +129,7 @@ class ModelRef(_Response):
     version: str
     alias: str | None = None
     mode: str | None = None
+    arm: Literal["champion", "candidate"] = Field("champion", description="which side of the canary answered")
     batch_size: int = Field(description="requests in the batch that served this one")
 
 
@@ -149,6 +149,29 @@ class BatchStats(_Response):
     batch_wait_timeout_s: float
 
 
+class ArmStats(_Response):
+    requests: int = Field(description="answered (champion, candidate) or mirrored (shadow) requests")
+    version: str | None = Field(description="the version that last served this arm")
+    effectiveness: dict[str, float] = Field(
+        description="mean probability the evaluation predictor gives each intervened value on the "
+                    "counterfactual (sex, race, finding); age_error_years: mean |predicted - intervened age|")
+
+
+class CanaryInfo(_Response):
+    """The canary as this replica runs it (serve.canary)."""
+
+    alias: str
+    weight: float = Field(description="share of requests the candidate answers")
+    shadow: float = Field(description="share of the champion's requests mirrored to the candidate")
+    candidate_version: str | None = None
+    candidate_state: AliasState | None = None
+    candidate_error: str | None = Field(None, description="why there is no candidate (all traffic to the champion)")
+    shadow_pending: int
+    shadow_skipped: int = Field(description="mirrors skipped because serve.canary.max_shadow_pending were running")
+    shadow_failed: int
+    arms: dict[str, ArmStats]
+
+
 class ModelInfo(_Response):
     name: str
     version: str
@@ -160,8 +183,10 @@ class ModelInfo(_Response):
     device: str
     loaded_at: str
     reloads: int
+    replica: str = Field(description="the Serve replica that answered")
     stats: BatchStats
     alias_state: AliasState
+    canary: CanaryInfo | None = Field(None, description="present while serve.canary sends traffic to a candidate")
 
 
 class Health(_Response):

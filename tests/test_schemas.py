@@ -46,7 +46,7 @@ def _errors(body: dict) -> list[tuple[str, str]]:
 def test_valid_request_keeps_values_and_defaults():
     req = CounterfactualRequest.model_validate_json(json.dumps(
         {"image": "AAAA", "parents": PARENTS, "interventions": [{"sex": "female"}, {"age": 80, "finding": "pleural_effusion"}]}))
-    assert req.t_u == 1.0 and req.seed == 0
+    assert req.t_u is None and req.seed == 0  # None: the server's serve.t_u
     assert [i.values() for i in req.interventions] == [{"sex": "female"}, {"age": 80.0, "finding": "pleural_effusion"}]
     assert req.parents == Parents(**PARENTS)
 

@@ -101,17 +101,16 @@ def server(ray_cluster, registered, tiny_data, tmp_path_factory):
     from ray import serve
 
     from serving.app import APP_NAME, build_app, wait_ready
-    from serving.policy import ServePolicy
 
     url = serve_url(ray_cluster)
     lkg = tmp_path_factory.mktemp("lkg")
 
-    def deploy(keys=(), policy=None, **overrides):
+    def deploy(keys=(), runner=None, **overrides):
         # a replica holds max_ongoing_requests (32) + max_queued_requests (32): the overload test fills them
-        policy = ServePolicy(**{"lkg_dir": str(lkg), "stale_after_s": 30.0, "max_queued_requests": 32,
-                                "max_reply_bytes": 1_000_000, "request_timeout_s": 8.0, **(policy or {})})
-        app = build_app(_serve_config(**overrides), MODEL, alias="champion", data_root=str(tiny_data),
-                        api_keys=list(keys), policy=policy)
+        settings = {"lkg_dir": str(lkg), "stale_after_s": 30.0, "max_queued_requests": 32,
+                    "max_reply_bytes": 1_000_000, "request_timeout_s": 8.0, **overrides}
+        app = build_app(_serve_config(**settings), MODEL, alias="champion", data_root=str(tiny_data),
+                        api_keys=list(keys), runner=runner)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
 
     deploy()
@@ -514,6 +513,35 @@ def test_cli_refuses_public_host_without_keys_and_unknown_alias(mlflow_uri, monk
     assert "max_batch_size" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------------------- canary
+def _canary_ids(canary, n: int = 12) -> dict[str, str]:
+    """n request ids and the arm each is routed to under `canary` (serving.app.route, a pure function)."""
+    from serving.app import route
+
+    return {rid: route(rid, canary)[0] for rid in (f"canary-{i}" for i in range(n))}
+
+
+def test_canary_off_answers_everything_from_the_champion(server, registered):
+    """serve.canary.weight 0 (the default): a candidate alias may exist, the champion answers all."""
+    from cxrcf.config import CanaryConfig
+    from pipelines.registry import connect
+    from store.models import resolve_alias
+
+    champion = resolve_alias(MODEL, "champion")
+    other = next(v for v in registered["versions"] if v != champion)
+    connect().set_registered_model_alias(MODEL, "candidate", other)
+    ids = _canary_ids(CanaryConfig(weight=0.5))
+    assert "candidate" in ids.values()  # ids that a 50% canary would send to the candidate ...
+    body = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}]}
+    for rid in ids:
+        r = _post(server, body, headers={"X-Request-ID": rid})
+        assert r.status_code == 200, r.text
+        # ... all answered by the champion at weight 0
+        assert (r.headers["x-model-alias"], r.headers["x-model-version"]) == ("champion", champion)
+        assert r.json()["model"]["arm"] == "champion"
+    assert server["http"].get("/v1/model").json()["canary"] is None
+
+
 # ------------------------------------------------------------------------------------ hot reload
 def test_hot_reload_after_promotion_drops_nothing(server, registered):
     from pipelines import registry
@@ -551,3 +579,140 @@ def test_hot_reload_after_promotion_drops_nothing(server, registered):
     after = _post(server, body).json()
     assert after["model"]["version"] == "2"
     assert after["counterfactuals"][0]["image"] != before["counterfactuals"][0]["image"]
+
+
+# ---------------------------------------------- run-time settings: limits, t_u, canary, deadlines
+# One redeploy (it rolls the replica, 10-15 s here) carries every changed setting the tests below
+# need, and stays in place: they come after every test that needs the module's defaults.
+CANARY = {"weight": 0.5, "shadow": 1.0, "max_shadow_pending": 64}
+SLOW_SEED, SLOW_S, BATCH_DEADLINE_S = 424242, 3.0, 2.0
+
+
+def _slow_runner(slow_seed: int, delay_s: float):
+    """engine.run_batch, but a pass holding a request with `slow_seed` first sleeps `delay_s`: how the
+    batch-deadline test stalls a forward pass without a sleep in production code. A nested function,
+    so that Serve ships it to the replica by value (the replica cannot import this test module)."""
+
+    def run(bundle, items, threads):
+        from serving.engine import run_batch
+
+        if any(item.seed == slow_seed for item in items):
+            time.sleep(delay_s)
+        return run_batch(bundle, items, threads)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def reconfigured(server, registered):
+    """The app redeployed once with lower limits, serve.t_u 0.5, a canary whose candidate alias points
+    to the version that is not champion (half the requests answered by it, the rest mirrored), a 2 s
+    batch deadline that 2 misses in a row turn into a failed health check, and the slow runner."""
+    from pipelines.registry import connect
+    from store.models import resolve_alias
+
+    client = connect()
+    champion = resolve_alias(MODEL, "champion")
+    candidate = next(v for v in registered["versions"] if v != champion)
+    before = resolve_alias(MODEL, "candidate")
+    client.set_registered_model_alias(MODEL, "candidate", candidate)
+    try:
+        server["deploy"](max_interventions=2, max_image_id_chars=16, t_u=0.5, canary=CANARY,
+                         runner=_slow_runner(SLOW_SEED, SLOW_S), batch_timeout_s=BATCH_DEADLINE_S,
+                         unhealthy_after_batch_timeouts=2, health_check_period_s=0.5, request_timeout_s=20.0)
+        # the roll is over when the new replica (the only one with a canary) answers with its candidate
+        _wait_for(lambda: (_model_info(server).get("canary") or {}).get("candidate_version") == candidate,
+                  "the canary deployment never answered with its candidate loaded", timeout_s=90)
+        yield {"champion": champion, "candidate": candidate}
+    finally:
+        client.set_registered_model_alias(MODEL, "candidate", before)
+
+
+def _model_info(server) -> dict:
+    try:
+        r = server["http"].get("/v1/model", timeout=5.0)
+    except httpx.HTTPError:
+        return {}
+    return r.json() if r.status_code == 200 else {}
+
+
+def test_changed_limits_and_t_u_take_effect(server, reconfigured):
+    """serve.max_interventions, serve.max_image_id_chars and serve.t_u come from the deployed config."""
+    body = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}] * 3}
+    r = _post(server, body)
+    assert r.status_code == 422, r.text
+    assert r.json()["errors"] == [{"field": "interventions",
+                                   "message": "3 given; at most 2 per request (serve.max_interventions)"}]
+    r = _post(server, {"image_id": "x" * 17, "interventions": [{"sex": "female"}]})
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "image_id", r.text
+    assert "at most 16 (serve.max_image_id_chars)" in r.json()["detail"]
+    ok = _post(server, {**body, "interventions": [{"sex": "female"}] * 2})
+    assert ok.status_code == 200 and ok.json()["t_u"] == 0.5, ok.text  # no t_u given: serve.t_u
+    assert _post(server, {**body, "interventions": [{"age": 50.0}], "t_u": 1.0}).json()["t_u"] == 1.0
+
+
+def test_canary_splits_by_request_id_and_shadows_the_rest(server, reconfigured):
+    """Each request's X-Request-ID picks its arm; headers say who answered; every champion answer is
+    mirrored to the candidate and scored (shadow), never returned."""
+    from cxrcf.config import CanaryConfig
+
+    ids = _canary_ids(CanaryConfig(**CANARY))
+    assert set(ids.values()) == {"champion", "candidate"}
+    want = {"champion": ("champion", reconfigured["champion"]), "candidate": ("candidate", reconfigured["candidate"])}
+    # shadows of earlier requests settle first, so that the counts below are this test's alone
+    _wait_for(lambda: (_model_info(server).get("canary") or {}).get("shadow_pending") == 0, "shadows never settled")
+    before = _model_info(server)["canary"]["arms"]
+    body = {"image": _png(_image(seed=3)), "parents": PARENTS, "interventions": [{"sex": "female"}, {"age": 75.0}]}
+    for rid, arm in ids.items():
+        r = _post(server, body, headers={"X-Request-ID": rid})
+        assert r.status_code == 200, r.text
+        assert (r.headers["x-model-alias"], r.headers["x-model-version"]) == want[arm], rid
+        assert r.json()["model"]["arm"] == arm and r.json()["model"]["version"] == want[arm][1]
+    n = {arm: sum(a == arm for a in ids.values()) for arm in ("champion", "candidate")}
+
+    def mirrored():
+        canary = _model_info(server).get("canary") or {}
+        shadow = canary.get("arms", {}).get("shadow", {})
+        return canary if shadow.get("requests", 0) - before["shadow"]["requests"] >= n["champion"] else None
+
+    _wait_for(mirrored, "the champion's requests were not all mirrored to the candidate", timeout_s=30)
+    canary = mirrored()
+    arms = canary["arms"]
+    assert canary["candidate_version"] == reconfigured["candidate"] and canary["shadow_skipped"] == 0
+    assert canary["shadow_failed"] == 0
+    for arm in ("champion", "candidate"):
+        assert arms[arm]["requests"] - before[arm]["requests"] == n[arm] and arms[arm]["version"] == want[arm][1]
+    assert arms["shadow"]["requests"] - before["shadow"]["requests"] == n["champion"]
+    assert arms["shadow"]["version"] == reconfigured["candidate"]
+    # online effectiveness: P(intervened value) from the evaluation predictor, age as an error in years
+    for arm in ("champion", "candidate", "shadow"):
+        eff = arms[arm]["effectiveness"]
+        assert set(eff) == {"sex", "age_error_years"} and 0.0 <= eff["sex"] <= 1.0 and eff["age_error_years"] >= 0
+
+
+def test_late_batch_fails_alone_with_504_and_repeated_misses_fail_check_health(server, reconfigured):
+    """A forward pass past serve.batch_timeout_s fails its own requests with 504 and the replica goes
+    on; serve.unhealthy_after_batch_timeouts misses in a row fail check_health and Serve replaces the
+    replica. The stall is the fixture's runner (only for requests with SLOW_SEED); every wait is bounded.
+    Last in the module: it ends on a new replica."""
+    first = _model_info(server)["replica"]
+    body = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}]}
+    slow = {**body, "seed": SLOW_SEED}
+
+    started = time.monotonic()
+    late = _post(server, slow, timeout=15.0)
+    took = time.monotonic() - started
+    assert late.status_code == 504, late.text
+    assert late.json()["errors"][0]["field"] == "model" and "serve.batch_timeout_s" in late.json()["detail"]
+    assert BATCH_DEADLINE_S <= took < SLOW_S + 5.0  # cut by the batch deadline, not the request's 20 s
+    time.sleep(SLOW_S - BATCH_DEADLINE_S + 0.5)  # the stalled pass ends; nothing else was waiting behind it
+    ok = _post(server, body, timeout=15.0)
+    assert ok.status_code == 200, ok.text  # one late batch fails alone: the next batch is served
+    assert server["http"].get("/readyz", timeout=5.0).json()["batch_timeouts"] == 0
+    assert _model_info(server)["replica"] == first
+
+    # two late batches in a row: check_health fails (Serve checks every 0.5 s) and the replica is replaced
+    assert [_post(server, slow, timeout=15.0).status_code for _ in range(2)] == [504, 504]
+    _wait_for(lambda: _model_info(server).get("replica") not in (None, first),
+              "Serve never replaced the replica whose batches kept missing their deadline", timeout_s=90)
+    assert _post(server, body, timeout=15.0).status_code == 200

@@ -53,12 +53,11 @@ def _closed_port_uri() -> str:
     return f"http://127.0.0.1:{port}"  # nothing listens once the socket is closed
 
 
-def _slot(tmp_path, **policy):
+def _slot(tmp_path, **settings):
+    from cxrcf.config import ServeConfig
     from serving.app import ModelSlot, ModelSource
-    from serving.policy import ServePolicy
 
-    return ModelSlot(ModelSource(name=MODEL, alias="champion"),
-                     ServePolicy(lkg_dir=str(tmp_path / "lkg"), **policy))
+    return ModelSlot(ModelSource(name=MODEL, alias="champion"), ServeConfig(lkg_dir=str(tmp_path / "lkg"), **settings))
 
 
 def test_registry_down_keeps_serving_and_restarts_from_last_known_good(champion, tmp_path, monkeypatch):
@@ -169,3 +168,102 @@ def test_public_host_with_ray_auth_disabled_is_refused(monkeypatch, capsys, tmp_
     assert main(["serve", "--params", str(params), "--host", "0.0.0.0"]) == 1
     err = capsys.readouterr().err
     assert "RAY_AUTH_MODE=disabled with serve.host 0.0.0.0" in err
+
+
+# ------------------------------------------------------------------------- settings as config
+@pytest.mark.parametrize("serve, words", [
+    ({"max_interventions": 0}, "serve.max_interventions = 0: Input should be greater than or equal to 1"),
+    ({"max_interventions": 65}, "serve.max_interventions = 65: Input should be less than or equal to 64"),
+    ({"max_image_id_chars": 500}, "serve.max_image_id_chars = 500: Input should be less than or equal to 128"),
+    ({"batch_timeout_s": "20"}, "serve.batch_timeout_s = '20': Input should be a valid number"),
+    ({"max_pixels": 10}, "serve.max_pixels = 10: Input should be greater than or equal to 64"),
+    ({"max_queued_requests": True}, "serve.max_queued_requests = True: Input should be a valid integer"),
+    ({"t_u": 0}, "serve.t_u = 0: Input should be greater than 0"),
+    ({"reload_backoff_max_s": 1.0}, "reload_backoff_max_s 1 is below reload_backoff_s 5"),
+    ({"canary": {"weight": 1.5}}, "serve.canary.weight = 1.5: Input should be less than or equal to 1"),
+    ({"canary": {"shadow": 0.1, "alias": "champion"}}, "canary.alias 'champion' is model_alias itself"),
+    ({"request_deadline_s": 3}, "serve.request_deadline_s = 3: unknown key"),
+])
+def test_bad_serve_settings_are_refused_naming_the_key(tmp_path, serve, words):
+    """Every limit is validated config: strict (no "20" for a number), ranged, unknown keys refused."""
+    import yaml
+
+    from cxrcf.config import load_params
+    from cxrcf.errors import CxrcfError
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"preset": "smoke", "serve": serve}))
+    with pytest.raises(CxrcfError) as err:
+        load_params(path)
+    assert words in str(err.value)
+
+
+def test_defaults_are_the_limits_serving_had():
+    from cxrcf.config import ServeConfig, load_params
+
+    cfg = ServeConfig()
+    assert (cfg.max_pixels, cfg.max_reply_bytes, cfg.max_interventions, cfg.max_image_id_chars) == \
+        (1024 * 1024, 16_000_000, 8, 128)
+    assert (cfg.max_queued_requests, cfg.request_timeout_s, cfg.batch_timeout_s, cfg.t_u) == (64, 30.0, 20.0, 1.0)
+    assert not cfg.canary.on and cfg.canary.alias == "candidate"
+    assert load_params("params.yaml").serve.max_pixels == cfg.max_pixels
+
+
+def test_a_replica_refuses_a_bad_user_config_naming_the_field():
+    """A `serve deploy` config edited by hand reaches reconfigure as a plain dict: validated the same way,
+    and the replica keeps the settings it had."""
+    from cxrcf.config import ServeConfig
+    from cxrcf.errors import CxrcfError
+    from serving import app
+
+    good = app.user_config(ServeConfig(max_interventions=3), [])
+    before = app.runtime()["config"]
+    try:
+        assert app.configure_runtime(good).max_interventions == 3
+        bad = {**good, "serve": {**good["serve"], "max_reply_bytes": -1}}
+        with pytest.raises(CxrcfError, match=r"user_config serve: max_reply_bytes = -1: .*greater than or equal"):
+            app.configure_runtime(bad)
+        assert app.runtime()["config"].max_interventions == 3
+    finally:
+        app.runtime()["config"] = before
+
+
+def test_cli_canary_flags_are_validated(monkeypatch, capsys, tmp_path):
+    from cxrcf.cli import main
+
+    monkeypatch.delenv("CXRCF_API_KEYS", raising=False)
+    params = tmp_path / "params.yaml"
+    params.write_text("preset: smoke\n")
+    assert main(["serve", "--params", str(params), "--canary-weight", "2"]) == 1
+    assert "serve: canary.weight = 2.0: Input should be less than or equal to 1" in capsys.readouterr().err
+    assert main(["serve", "--params", str(params), "--shadow", "0.5", "--canary-alias", "champion"]) == 1
+    assert "canary.alias 'champion' is model_alias itself" in capsys.readouterr().err
+
+
+def test_split_is_a_pure_function_of_the_request_id():
+    from cxrcf.config import CanaryConfig
+    from serving.app import route
+
+    ids = [f"r{i}" for i in range(400)]
+    assert {route(i, CanaryConfig(weight=0.0))[0] for i in ids} == {"champion"}
+    assert {route(i, CanaryConfig(weight=1.0)) for i in ids} == {("candidate", False)}
+    half = [route(i, CanaryConfig(weight=0.5, shadow=0.5)) for i in ids]
+    assert half == [route(i, CanaryConfig(weight=0.5, shadow=0.5)) for i in ids]  # the same id, the same arm
+    answered = sum(arm == "candidate" for arm, _ in half)
+    shadowed = sum(mirror for _, mirror in half)
+    assert 160 < answered < 240 and 60 < shadowed < 140  # ~200 and ~100 of 400
+    # a request the candidate answers at 10% also goes to it at 50%: raising the weight only adds requests
+    assert {i for i in ids if route(i, CanaryConfig(weight=0.1))[0] == "candidate"} <= \
+        {i for i in ids if route(i, CanaryConfig(weight=0.5))[0] == "candidate"}
+
+
+def test_every_recorded_metric_is_declared():
+    """record() switches every metric off on the first unknown name, so each name used must be declared."""
+    import re
+    from pathlib import Path
+
+    from serving import app
+
+    used = set(re.findall(r'record\("(\w+)"', Path(app.__file__).read_text()))
+    assert {"arm_requests", "online_effectiveness", "shadow_skipped", "batch_timeouts"} <= used
+    assert used <= set(app._METRIC_KINDS), used - set(app._METRIC_KINDS)
