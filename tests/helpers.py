@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
+
+DVC = str(Path(sys.executable).with_name("dvc"))  # the venv's dvc, whichever python runs the tests
 
 
 @contextlib.contextmanager
@@ -17,6 +22,27 @@ def torch_threads(n: int = 1):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def run_ok(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 900) -> str:
+    """Run a command and return its stdout + stderr; a non-zero exit fails the test with the output's
+    tail (a failing `dvc repro` or `git` call says why there, not in an exception)."""
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+def git_dvc_repo(repo: Path, env: dict | None = None) -> Path:
+    """A new git repository with DVC initialised in `repo`; it carries its own committer identity,
+    since a test machine's git usually has none and `git commit` refuses without one."""
+    repo.mkdir(parents=True, exist_ok=True)
+    run_ok(["git", "init", "-q"], repo, env)
+    run_ok(["git", "config", "user.email", "ci@cxrcf.local"], repo, env)
+    run_ok(["git", "config", "user.name", "cxrcf ci"], repo, env)
+    run_ok([DVC, "init", "-q"], repo, env)
+    return repo
+
 
 FINDING_AGE_CENTRE = 55.0
 FINDING_AGE_SPREAD = 15.0

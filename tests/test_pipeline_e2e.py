@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import git_dvc_repo, run_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,13 +44,6 @@ EXPECTED_STAGES = {
 }
 
 
-def _run(cmd: list[str], cwd: Path, env: dict, timeout: int = 900) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
-    return out
-
-
 def _stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
@@ -70,15 +63,12 @@ def repo(tmp_path_factory, ray_cluster):
     env.pop("CXRCF_MLFLOW_ARTIFACTS", None)
     # Stages join the session's cluster instead of starting one each (and avoid two local clusters).
     env["RAY_ADDRESS"] = ray_cluster.get_runtime_context().gcs_address
-    _run(["git", "init", "-q"], repo, env)
-    _run(["git", "config", "user.email", "ci@cxrcf.local"], repo, env)
-    _run(["git", "config", "user.name", "cxrcf ci"], repo, env)
-    _run([str(BIN / "dvc"), "init", "-q"], repo, env)
-    _run([str(BIN / "cxrcf"), "data", "synth", "--params", "params.yaml", "--out", "data"], repo, env)
-    _run([str(BIN / "dvc"), "add", "-q", "data"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "smoke pipeline"], repo, env)
-    first = _run([str(BIN / "dvc"), "repro"], repo, env)
+    git_dvc_repo(repo, env)
+    run_ok([str(BIN / "cxrcf"), "data", "synth", "--params", "params.yaml", "--out", "data"], repo, env)
+    run_ok([str(BIN / "dvc"), "add", "-q", "data"], repo, env)
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-qm", "smoke pipeline"], repo, env)
+    first = run_ok([str(BIN / "dvc"), "repro"], repo, env)
     return repo, env, first
 
 
@@ -119,11 +109,11 @@ def test_first_repro_runs_every_stage_and_reaches_a_champion(repo):
 def test_dvc_knows_what_is_up_to_date(repo):
     root, env, _ = repo
     dvc = str(BIN / "dvc")
-    status = json.loads(_run([dvc, "status", "--json"], root, env))
+    status = json.loads(run_ok([dvc, "status", "--json"], root, env))
     assert status == {}
-    metrics = json.loads(_run([dvc, "metrics", "show", "--json"], root, env))
+    metrics = json.loads(run_ok([dvc, "metrics", "show", "--json"], root, env))
     assert metrics  # every declared metric file parses
-    again = _run([dvc, "repro"], root, env)
+    again = run_ok([dvc, "repro"], root, env)
     assert _stages_run(again) == set()
 
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -131,5 +121,5 @@ def test_dvc_knows_what_is_up_to_date(repo):
     # are scoped per stage; a change read by evaluation reran six stages for ~70 s)
     params["registry"]["gates"]["max_age_mae"] = 119.0
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    rerun = _run([dvc, "repro"], root, env)
+    rerun = run_ok([dvc, "repro"], root, env)
     assert _stages_run(rerun) == {"promote"}
