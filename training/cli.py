@@ -23,7 +23,7 @@ DEFAULTS = {
 
 
 RESUME_HELP = ("continue this output's interrupted run from its last checkpoint, in the same Ray Train run and "
-               "MLflow run; start a new run if there is none, it finished, or its params or data changed")
+               "MLflow run; start a new run if there is none, it finished, or its params, data or code changed")
 
 
 def build_parser() -> argparse.ArgumentParser:
