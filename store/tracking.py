@@ -147,5 +147,22 @@ def log_artifacts(run_id: str, local_path: str | Path, artifact_path: str | None
         mlc.log_artifact(run_id, str(local_path), artifact_path)
 
 
-def end_run(run_id: str, ok: bool = True) -> None:
-    client().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+def end_run(run_id: str, ok: bool = True, killed: bool = False) -> None:
+    """FINISHED or FAILED; KILLED for a run stopped by a signal or abandoned by a driver that died."""
+    client().set_terminated(run_id, status="KILLED" if killed else "FINISHED" if ok else "FAILED")
+
+
+def run_status(run_id: str) -> str | None:
+    """The run's status (RUNNING, FINISHED, FAILED, KILLED), or None if this store has no such live run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client().get_run(run_id)
+    except MlflowException:
+        return None
+    return run.info.status if run.info.lifecycle_stage == "active" else None
+
+
+def reopen_run(run_id: str) -> None:
+    """Mark an ended run RUNNING again: a resumed phase keeps logging into the run it started."""
+    client().update_run(run_id, status="RUNNING")

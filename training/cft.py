@@ -259,11 +259,11 @@ def read_eps(generator_dir: str | Path) -> float:
 
 
 def train_cft(params, data_root, generator_dir, guidance_dir, scm_dir, out_dir, mode, slack=None, seed=None,
-              metrics_file=None) -> dict:
+              metrics_file=None, resume=False) -> dict:
     import tempfile
 
     from cxrcf.export import load_model
-    from training.common import finish, load_arrays, loader, run_fit, write_model
+    from training.common import finish, load_arrays, loader, tracked_fit, write_model
     from training.generator import sample_grid, validate_hvae
     from training.loop import Task, cpu_state
 
@@ -309,15 +309,15 @@ def train_cft(params, data_root, generator_dir, guidance_dir, scm_dir, out_dir, 
     extra = {"cft.mode": mode, "cft.eps": eps, "cft.eps_pretrained": eps_pretrained, "cft.slack_used": slack,
              "cft.seed_used": cft.optim.seed, "lineage.generator": str(generator_dir),
              "lineage.guidance": str(guidance_dir), "lineage.scm": str(scm_dir)}
-    result, run_id = run_fit(params, phase, [task], extra_params=extra)
-    metrics = dict(result.metrics[phase])
-    metrics.update({"eps": eps, "eps_pretrained": eps_pretrained, "slack": slack})
-    metrics.update({f"target_auc_{k}": v for k, v in (targets or {}).items()})
-    hvae.load_state_dict(result.weights[phase])
-    meta = {"preset": params.preset, "mode": mode, "slack": slack, "seed": cft.optim.seed, "eps": eps}
-    out_dir = write_model(hvae, out_dir, run_id, metrics, meta=meta)
-    with tempfile.TemporaryDirectory() as tmp:
-        x, parents = load_arrays(str(Path(data_root).resolve()), hvae.arch.resolution, "val")
-        grid = sample_grid(hvae, x, parents, Path(tmp) / "samples.png", scm=scm, t_u=cft.t_u)
-        finish(run_id, metrics, metrics_file, {"model": out_dir, "samples": grid})
+    with tracked_fit(params, phase, [task], out_dir, resume, extra_params=extra) as (result, run_id):
+        metrics = dict(result.metrics[phase])
+        metrics.update({"eps": eps, "eps_pretrained": eps_pretrained, "slack": slack})
+        metrics.update({f"target_auc_{k}": v for k, v in (targets or {}).items()})
+        hvae.load_state_dict(result.weights[phase])
+        meta = {"preset": params.preset, "mode": mode, "slack": slack, "seed": cft.optim.seed, "eps": eps}
+        out_dir = write_model(hvae, out_dir, run_id, metrics, meta=meta)
+        with tempfile.TemporaryDirectory() as tmp:
+            x, parents = load_arrays(str(Path(data_root).resolve()), hvae.arch.resolution, "val")
+            grid = sample_grid(hvae, x, parents, Path(tmp) / "samples.png", scm=scm, t_u=cft.t_u)
+            finish(run_id, metrics, metrics_file, {"model": out_dir, "samples": grid})
     return {"run_id": run_id, "metrics": metrics, "out_dir": str(out_dir)}

@@ -3,6 +3,7 @@ fit, and the outputs (export directory, run.json, metrics JSON, artifacts)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from pathlib import Path
@@ -37,22 +38,22 @@ def finite(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def run_fit(params, phase: str, tasks, extra_params: dict | None = None, **loop_kwargs):
-    """Create the MLflow run, run one TorchTrainer.fit over `tasks`, return (FitResult, run_id)."""
+@contextlib.contextmanager
+def tracked_fit(params, phase: str, tasks, out: str | Path, resume: bool = False, extra_params: dict | None = None,
+                **loop_kwargs):
+    """One TorchTrainer.fit over `tasks` inside the phase's MLflow run (a new run, or with `resume` the
+    interrupted run that was writing `out`; see training/resume.py). Yields (FitResult, run_id); the
+    block exports and calls `finish`. Anything escaping the block (or the fit) ends the run FAILED, or
+    KILLED for Ctrl-C and SIGTERM. `loop_kwargs` are LoopConfig fields (the tests' `step_hooks`)."""
     from store import tracking
-    from training.loop import LoopConfig, fit, unique_name
+    from training.loop import LoopConfig, fit
+    from training.resume import ending, open_run
 
-    name = unique_name(phase)
-    run_id = tracking.start_run(params, phase, run_name=name, extra_params=extra_params,
-                                extra_tags={"ray_run": name})
-    cfg = LoopConfig(tasks=tasks, run_id=run_id, tracking_uri=tracking.tracking_uri(),
-                     metric_prefix=len(tasks) > 1, **loop_kwargs)
-    try:
-        result = fit(cfg, params.ray, phase, run_name=name)
-    except BaseException:
-        tracking.end_run(run_id, ok=False)
-        raise
-    return result, run_id
+    name, run_id = open_run(params, phase, out, resume, extra_params)
+    with ending(run_id):
+        cfg = LoopConfig(tasks=tasks, run_id=run_id, tracking_uri=tracking.tracking_uri(),
+                         metric_prefix=len(tasks) > 1, **loop_kwargs)
+        yield fit(cfg, params.ray, phase, run_name=name), run_id
 
 
 def write_model(model, out_dir: str | Path, run_id: str, metrics: dict, meta: dict | None = None) -> Path:

@@ -141,22 +141,31 @@ def make_task(params, data_root):
                 validate=functools.partial(validate_hvae, beta=g.beta), select="loss")
 
 
-def train_generator(params, data_root, out_dir, metrics_file=None) -> dict:
+def train_generator(params, data_root, out_dir, metrics_file=None, resume=False, **loop_kwargs) -> dict:
+    """`resume`: continue the interrupted run that was writing `out_dir`; `loop_kwargs`: LoopConfig fields."""
+    import math
     import tempfile
 
+    from cxrcf.errors import CxrcfError
     from cxrcf.hvae import HVAE
-    from training.common import finish, load_arrays, run_fit, write_model
+    from training.common import finish, load_arrays, tracked_fit, write_model
 
-    result, run_id = run_fit(params, "generator", [make_task(params, data_root)])
-    metrics = dict(result.metrics["generator"])
-    model = HVAE(params.generator.arch)
-    model.load_state_dict(result.weights["generator"])
-    metrics.update(training_set_elbo(model, data_root, params.generator.arch.resolution, params.generator.beta))
-    # eps as the reference defines it: the exported model's training-set ELBO (nll + beta * kl per pixel)
-    metrics["eps"] = metrics["train_loss"]
-    out_dir = write_model(model, out_dir, run_id, metrics, meta={"preset": params.preset, "beta": params.generator.beta})
-    with tempfile.TemporaryDirectory() as tmp:
-        x, parents = load_arrays(str(Path(data_root).resolve()), params.generator.arch.resolution, "val")
-        grid = sample_grid(model, x, parents, Path(tmp) / "samples.png", t_u=1.0)
-        finish(run_id, metrics, metrics_file, {"model": out_dir, "samples": grid})
+    with tracked_fit(params, "generator", [make_task(params, data_root)], out_dir, resume, **loop_kwargs) as (
+            result, run_id):
+        metrics = dict(result.metrics["generator"])
+        model = HVAE(params.generator.arch)
+        model.load_state_dict(result.weights["generator"])
+        metrics.update(training_set_elbo(model, data_root, params.generator.arch.resolution, params.generator.beta))
+        # eps as the reference defines it: the exported model's training-set ELBO (nll + beta * kl per pixel)
+        metrics["eps"] = metrics["train_loss"]
+        if not math.isfinite(metrics["eps"]):
+            # run.json would drop it, and CFT would later fail on a missing eps instead of here
+            raise CxrcfError(f"train generator: eps (training-set loss of the exported weights) is {metrics['eps']}; "
+                             "nothing exported")
+        out_dir = write_model(model, out_dir, run_id, metrics,
+                              meta={"preset": params.preset, "beta": params.generator.beta})
+        with tempfile.TemporaryDirectory() as tmp:
+            x, parents = load_arrays(str(Path(data_root).resolve()), params.generator.arch.resolution, "val")
+            grid = sample_grid(model, x, parents, Path(tmp) / "samples.png", t_u=1.0)
+            finish(run_id, metrics, metrics_file, {"model": out_dir, "samples": grid})
     return {"run_id": run_id, "metrics": metrics, "out_dir": str(out_dir)}

@@ -19,6 +19,8 @@ Checkpoint directory (written by rank 0, reported by every rank):
   best.safetensors      EMA weights at the best validation value (tasks with `select`)
   optimizer.safetensors AdamW moments and step counts, keys `<param index>.<name>`
   final/<task>.safetensors  exported weights of finished tasks
+The last checkpoint of a fit holds only state.json and final/; its state.json names a numerical fault
+(`fault`: task, step, cause) when one ended the fit (see FaultGuard), and the driver then exports nothing.
 No pickle is written. The fp16 GradScaler (GPUs without bf16 only) restarts from its default scale.
 """
 
@@ -31,8 +33,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -232,6 +236,50 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+# A single non-finite loss is skipped like any bad update; this many in a row, with the weights unchanged
+# in between, means the run has diverged and will not recover by itself.
+NONFINITE_STREAK = 20
+
+
+class NumericalFault(Exception):
+    """A task can no longer produce usable weights; the fit ends and the driver exports nothing."""
+
+    def __init__(self, task: str, step: int, cause: str):
+        super().__init__(f"{task} step {step}: {cause}")
+        self.task, self.step, self.cause = task, step, cause
+
+
+@dataclass
+class FaultGuard:
+    """Numerical faults of one task. Every rank checks the same values (losses averaged over workers, the
+    all-reduced update decision, rank 0's validation broadcast), so all ranks stop at the same step."""
+
+    task: str
+    streak: int = 0
+
+    def after_step(self, step: int, loss: float) -> None:
+        self.streak = 0 if math.isfinite(loss) else self.streak + 1
+        if self.streak >= NONFINITE_STREAK:
+            raise NumericalFault(self.task, step, f"loss non-finite ({loss}) on {self.streak} consecutive steps; "
+                                                  "training diverged")
+
+    def after_validation(self, step: int, metric: str, value: float) -> None:
+        # `value < nan` is false: a NaN best would silently freeze the export at this checkpoint
+        if not math.isfinite(value):
+            raise NumericalFault(self.task, step, f"validation {metric} is {value}, so no checkpoint can be "
+                                                  "chosen by it")
+
+    def at_end(self, step: int, skipped: int, weights: dict) -> None:
+        import torch
+
+        if skipped >= step:
+            raise NumericalFault(self.task, step, f"all {step} updates were skipped (gradient norm non-finite or "
+                                                  "above optim.grad_skip)")
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise NumericalFault(self.task, step, f"exported weights not finite ({', '.join(bad[:3])})")
+
+
 # ------------------------------------------------------------------------------------- the worker
 class _Tracker:
     """Rank 0's buffered MLflow metric writer."""
@@ -251,6 +299,16 @@ class _Tracker:
 
             log_metrics(self.cfg.run_id, self.rows, self.cfg.tracking_uri)
             self.rows = []
+
+
+def _from_rank0(value: float, world: int) -> float:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    if world > 1:
+        dist.broadcast(t, src=0)
+    return float(t[0])
 
 
 def _average(values: list[float], world: int):
@@ -291,8 +349,6 @@ def worker_main(config: dict) -> None:
     device = ray.train.torch.get_device()
     tracker = _Tracker(cfg, rank)
     if tracker.on:
-        import threading
-
         # MLflow takes seconds to import; let that overlap with loading data and building the model.
         threading.Thread(target=__import__, args=("mlflow.tracking",), daemon=True).start()
 
@@ -320,21 +376,30 @@ def worker_main(config: dict) -> None:
             data_cache[key] = task.data(split)
         return data_cache[key]
 
+    # a resumed run that had failed numerically fails again: its checkpoint is the fault, not weights
+    fault = resume.get("fault") if resume else None
     start_task = resume["task"] if resume else 0
-    for index, task in enumerate(cfg.tasks):
-        if index < start_task or task.name in finished_metrics:
-            continue
-        task_resume = resume if (resume and resume["task"] == index) else None
-        weights, metrics = _run_task(cfg, index, task, _Worker(rank, world, device, tracker, data), task_resume,
-                                     ckpt_dir if task_resume else None, finished_weights, finished_metrics)
-        finished_weights[task.name] = weights
-        finished_metrics[task.name] = metrics
+    try:
+        for index, task in enumerate(cfg.tasks):
+            if index < start_task or task.name in finished_metrics:
+                continue
+            task_resume = resume if (resume and resume["task"] == index) else None
+            weights, metrics = _run_task(cfg, index, task, _Worker(rank, world, device, tracker, data), task_resume,
+                                         ckpt_dir if task_resume else None, finished_weights, finished_metrics)
+            finished_weights[task.name] = weights
+            finished_metrics[task.name] = metrics
+    except NumericalFault as err:
+        fault = {"task": err.task, "step": err.step, "cause": err.cause}
+        if rank == 0:
+            say(f"[{err.task}] numerical fault: {err}")
 
-    # The final report carries every task's exported weights; it is the result the driver reads.
+    # The final report carries every task's exported weights (or the fault); it is the result the driver reads.
     directory = Path(tempfile.mkdtemp(prefix="cxrcf-final-"))
     if rank == 0:
         _write_finals(directory, finished_weights)
         state = {"task": len(cfg.tasks), "step": 0, "finished": finished_metrics}
+        if fault:
+            state["fault"] = fault
         (directory / "state.json").write_text(json.dumps(state))
     flat = {f"{t}/{k}": v for t, m in finished_metrics.items() for k, v in m.items()}
     ray.train.report({"done": 1, **flat},
@@ -444,6 +509,7 @@ def _run_task(cfg: LoopConfig, index: int, task: Task, w: _Worker, resume: dict 
     prefix = f"{task.name}/" if cfg.metric_prefix else ""
     objective, model, ema, wrapped, params, opt = _build(task, device, resume, ckpt_dir)
     progress = _Progress.resumed(resume, ckpt_dir)
+    guard = FaultGuard(task.name)
 
     x_train, p_train = w.data(task, "train")
     shard = torch.arange(rank, len(x_train), world)
@@ -463,19 +529,22 @@ def _run_task(cfg: LoopConfig, index: int, task: Task, w: _Worker, resume: dict 
     last: dict[str, float] = {}
 
     def validate() -> None:
-        if task.validate is None or rank != 0:
-            return
-        x_val, p_val = w.data(task, "val")
-        ema.model.eval()
-        with torch.no_grad():
-            res = task.validate(ema.model, x_val, p_val, device)
-        progress.val.update(res)
-        tracker.add(prefix + "val_", res, step)
-        if task.select is not None:
-            value = res[task.select]
-            if progress.best is None or value < progress.best:
-                progress.best, progress.best_state, progress.best_step = value, cpu_state(ema.model), step
-        say(f"[{task.name}] validation at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in res.items()))
+        """Rank 0 validates; every rank then checks the selection value it broadcasts."""
+        value = 0.0
+        if task.validate is not None and rank == 0:
+            x_val, p_val = w.data(task, "val")
+            ema.model.eval()
+            with torch.no_grad():
+                res = task.validate(ema.model, x_val, p_val, device)
+            progress.val.update(res)
+            tracker.add(prefix + "val_", res, step)
+            say(f"[{task.name}] validation at step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in res.items()))
+            if task.select is not None:
+                value = res[task.select]
+                if progress.best is None or value < progress.best:
+                    progress.best, progress.best_state, progress.best_step = value, cpu_state(ema.model), step
+        if task.validate is not None and task.select is not None:
+            guard.after_validation(step, task.select, _from_rank0(value, world))
 
     def checkpoint(step_done: int) -> None:
         directory = Path(tempfile.mkdtemp(prefix="cxrcf-ckpt-"))
@@ -533,6 +602,7 @@ def _run_task(cfg: LoopConfig, index: int, task: Task, w: _Worker, resume: dict 
         t0 = time.perf_counter()
         last = train_step()
         step += 1
+        guard.after_step(step, last["loss"])
         dt = time.perf_counter() - t0
         # The first steps pay for lazy initialisation; leave them out of the throughput figure.
         if step - start > 3:
@@ -558,6 +628,7 @@ def _run_task(cfg: LoopConfig, index: int, task: Task, w: _Worker, resume: dict 
     metrics = _task_metrics(task, last, progress, train_time, timed_images, t_task)
     exported = progress.best_state if (task.select is not None and progress.best_state is not None) else None
     weights = exported if exported is not None else cpu_state(ema.model)
+    guard.at_end(step, progress.skipped, weights)
     tracker.add(prefix, {k: v for k, v in metrics.items() if k.startswith(("images_per_s", "skipped"))}, step)
     tracker.flush()
     return weights, metrics
@@ -621,13 +692,23 @@ def fit(cfg: LoopConfig, ray_cfg: RayConfig, phase: str, run_name: str | None = 
                              failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         result = trainer.fit()
     except Exception as err:
         raise CxrcfError(f"train {phase}: Ray Train run {name} failed: {err}") from err
+    finally:
+        # Ray Train leaves its Ctrl-C handler behind, which would swallow a Ctrl-C during the export
+        if main_thread and sigint is not None:
+            signal.signal(signal.SIGINT, sigint)
     if result.checkpoint is None:
         raise CxrcfError(f"train {phase}: Ray Train run {name} ended without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / "state.json").read_text())
+        fault = state.get("fault")
+        if fault:
+            where = f"step {fault['step']}" if fault["task"] == phase else f"{fault['task']} step {fault['step']}"
+            raise CxrcfError(f"train {phase}: {where}: {fault['cause']}; nothing exported")
         weights = {t: load_tensors(Path(d) / "final" / f"{t}.safetensors") for t in state["finished"]}
     return FitResult(weights=weights, metrics=state["finished"], run_name=name, storage_path=storage)

@@ -116,17 +116,17 @@ def make_tasks(params, data_root):
     return tasks
 
 
-def train_predictors(params, data_root, out_guidance, out_evaluation, metrics_file=None) -> dict:
+def train_predictors(params, data_root, out_guidance, out_evaluation, metrics_file=None, resume=False) -> dict:
     from cxrcf.predictor import Predictor
-    from training.common import finish, run_fit, write_model
+    from training.common import finish, tracked_fit, write_model
 
-    result, run_id = run_fit(params, "predictors", make_tasks(params, data_root))
     outs = {"guidance": Path(out_guidance), "evaluation": Path(out_evaluation)}
-    metrics = {}
-    for name, out_dir in outs.items():
-        model = Predictor(getattr(params.predictors, name).arch)
-        model.load_state_dict(result.weights[name])
-        write_model(model, out_dir, run_id, result.metrics[name], meta={"role": name, "preset": params.preset})
-        metrics.update({f"{name}_{k}": v for k, v in result.metrics[name].items()})
-    finish(run_id, metrics, metrics_file, {f"model/{name}": d for name, d in outs.items()})
+    with tracked_fit(params, "predictors", make_tasks(params, data_root), out_guidance, resume) as (result, run_id):
+        metrics = {}
+        for name, out_dir in outs.items():
+            model = Predictor(getattr(params.predictors, name).arch)
+            model.load_state_dict(result.weights[name])
+            write_model(model, out_dir, run_id, result.metrics[name], meta={"role": name, "preset": params.preset})
+            metrics.update({f"{name}_{k}": v for k, v in result.metrics[name].items()})
+        finish(run_id, metrics, metrics_file, {f"model/{name}": d for name, d in outs.items()})
     return {"run_id": run_id, "metrics": metrics, "out_dir": {k: str(v) for k, v in outs.items()}}

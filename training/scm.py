@@ -18,7 +18,7 @@ def train_scm(params, data_root, out_dir, metrics_file=None) -> dict:
     from cxrcf.scm import AttributeSCM
     from store import tracking
     from training.common import finish, write_model
-    from training.loop import unique_name
+    from training.resume import ending, open_run
 
     frame = load_metadata(data_root)
     parents = {}
@@ -29,9 +29,9 @@ def train_scm(params, data_root, out_dir, metrics_file=None) -> dict:
 
             raise CxrcfError(f"{Path(data_root) / 'metadata.csv'}: no rows with split = {split}")
         parents[split] = parents_from_frame(rows)
-    name = unique_name("scm")
-    run_id = tracking.start_run(params, "scm", run_name=name)
-    try:
+    # Seconds of work: nothing to resume, but a run whose driver died is still marked KILLED.
+    _, run_id = open_run(params, "scm", out_dir, resume=False)
+    with ending(run_id):
         torch.manual_seed(params.scm.seed)
         scm = AttributeSCM(params.scm)
         t0 = time.perf_counter()
@@ -43,10 +43,7 @@ def train_scm(params, data_root, out_dir, metrics_file=None) -> dict:
             val_nll = float(-scm.log_prob(parents["val"]).mean())
         metrics = {"train_nll": history[-1], "val_nll": val_nll, "steps": float(params.scm.steps), "wall_s": wall}
         out_dir = write_model(scm, out_dir, run_id, metrics, meta={"preset": params.preset})
-    except BaseException:
-        tracking.end_run(run_id, ok=False)
-        raise
-    finish(run_id, metrics, metrics_file, {"model": out_dir})
+        finish(run_id, metrics, metrics_file, {"model": out_dir})
     print(f"[scm] done: train_nll={metrics['train_nll']:.4f} val_nll={val_nll:.4f} ({wall:.1f}s)", flush=True)
     return {"run_id": run_id, "metrics": metrics, "out_dir": str(out_dir)}
 
