@@ -13,6 +13,7 @@ from helpers import tiny_bundle
 
 from cxrcf.errors import CxrcfError
 from pipelines import lineage, registry
+from store import lineage as training_side
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +34,11 @@ def dataset(tmp_path_factory):
 def test_dataset_hash_is_the_hash_dvc_records(dataset):
     from cxrcf.data import dvc_data_hash
 
-    assert lineage.dataset_hash(dataset / "data") == dvc_data_hash(dataset / "data.dvc")
+    assert training_side.dataset_hash(dataset / "data") == dvc_data_hash(dataset / "data.dvc")
 
 
 def test_training_lineage_records_the_data_read_and_refuses_a_disagreeing_pin(dataset, tmp_path):
-    tags = lineage.training_lineage(dataset / "data", dataset / "data.dvc",
+    tags = training_side.training_lineage(dataset / "data", dataset / "data.dvc",
                                     parents={"pretraining": "run-hvae", "guidance_predictor": "run-guide",
                                              "scm": None}, cwd=Path(__file__).parent)
     assert tags["data_hash"] == tags["data_hash_pinned"] and tags["data_hash"].endswith(".dir")
@@ -49,13 +50,31 @@ def test_training_lineage_records_the_data_read_and_refuses_a_disagreeing_pin(da
     subprocess.run(["cp", "-r", str(dataset / "data"), str(changed)], check=True)
     (changed / "metadata.csv").write_text("id,sex\n0,female\n")
     with pytest.raises(CxrcfError, match=r"hashes to \w+\.dir, but .*data\.dvc pins \w+\.dir"):
-        lineage.training_lineage(changed, dataset / "data.dvc")
+        training_side.training_lineage(changed, dataset / "data.dvc")
+
+
+def test_a_training_run_on_data_its_pin_disagrees_with_is_refused_before_it_exists(dataset, mlflow_uri, tmp_path,
+                                                                                   monkeypatch):
+    from cxrcf.config import preset_params
+    from training.resume import open_run, record_path, storage_root
+
+    subprocess.run(["cp", "-r", str(dataset / "data"), str(dataset / "data.dvc"), str(tmp_path)], check=True)
+    (tmp_path / "data" / "metadata.csv").write_text("id,sex\n0,female\n")  # edited after `dvc add`
+    monkeypatch.chdir(tmp_path)
+    assert training_side.tracking_dvc_file("data") == Path("data.dvc")
+    assert training_side.tracking_dvc_file(dataset / "data") is None  # data.dvc here says nothing of that folder
+    params = preset_params("smoke", ray={"storage_path": str(tmp_path / "ray")},
+                           mlflow={"experiment": f"refused-{tmp_path.name}"})
+    with pytest.raises(CxrcfError, match=r"data: the data read hashes to \w+\.dir, but data\.dvc pins"):
+        open_run(params, "scm", tmp_path / "scm", resume=False, data_root="data")
+    assert not record_path(storage_root(params.ray), "scm", tmp_path / "scm").exists()
+    assert registry.connect().get_experiment_by_name(f"refused-{tmp_path.name}") is None  # no run, no experiment
 
 
 def test_registration_takes_lineage_from_the_training_run(dataset, mlflow_uri, tmp_path):
     client = registry.connect()
     exp = client.create_experiment(f"lineage-{tmp_path.name}")
-    trained = lineage.training_lineage(dataset / "data", dataset / "data.dvc", parents={"pretraining": "run-hvae"})
+    trained = training_side.training_lineage(dataset / "data", dataset / "data.dvc", parents={"pretraining": "run-hvae"})
     run = client.create_run(exp, tags=trained)
     got = lineage.registration_lineage(client, run.info.run_id, dataset / "data.dvc")
     assert got["data_hash"] == trained["data_hash"] and got["data_hash_source"] == f"run {run.info.run_id}"

@@ -10,6 +10,7 @@ import torch
 from cxrcf.config import preset_params
 from cxrcf.errors import CxrcfError
 from cxrcf.export import load_model
+from store.lineage import dataset_hash
 
 EXPERIMENT = "test-training-phases"
 
@@ -113,7 +114,7 @@ def test_generator_records_eps_and_sample_grid(trained, mlflow_uri, tiny_data):
 
 
 @pytest.mark.parametrize("mode", ["hard", "soft"])
-def test_cft(trained, mlflow_uri, mode):
+def test_cft(trained, mlflow_uri, tiny_data, mode):
     params, models, _, _ = trained
     run = json.loads((models / f"cft_{mode}" / "run.json").read_text())
     gen_eps = json.loads((models / "generator" / "run.json").read_text())["metrics"]["eps"]
@@ -126,6 +127,12 @@ def test_cft(trained, mlflow_uri, mode):
     rid = run["run_id"]
     r = client.get_run(rid)
     assert r.data.tags["phase"] == f"cft_{mode}" and r.data.params["cft.mode"] == mode
+    # lineage: the runs it started from, and the hash of the data it read (tiny_data: no data.dvc pins it)
+    for role, folder in (("pretraining", "generator"), ("guidance_predictor", "guidance"), ("scm", "scm")):
+        want = json.loads((models / folder / "run.json").read_text())["run_id"]
+        assert r.data.tags[f"lineage.parent.{role}_run_id"] == want, role
+    assert r.data.tags["data_hash"] == dataset_hash(tiny_data) and r.data.tags["data_hash_pinned"] == ""
+    assert r.data.tags["git_dirty"] in ("true", "false", "")
     steps = params.cft.optim.steps
     for key in ("loss", "aux", "aux_sex", "aux_race", "aux_finding", "aux_age", "F", "lam"):
         assert len(client.get_metric_history(rid, key)) == steps, key

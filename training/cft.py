@@ -263,6 +263,7 @@ def train_cft(params, data_root, generator_dir, guidance_dir, scm_dir, out_dir, 
     import tempfile
 
     from cxrcf.export import load_model
+    from store.runs import read_run_id
     from training.common import finish, load_arrays, loader, tracked_fit, write_model
     from training.generator import sample_grid, validate_hvae
     from training.loop import Task, cpu_state
@@ -309,7 +310,10 @@ def train_cft(params, data_root, generator_dir, guidance_dir, scm_dir, out_dir, 
     extra = {"cft.mode": mode, "cft.eps": eps, "cft.eps_pretrained": eps_pretrained, "cft.slack_used": slack,
              "cft.seed_used": cft.optim.seed, "lineage.generator": str(generator_dir),
              "lineage.guidance": str(guidance_dir), "lineage.scm": str(scm_dir)}
-    with tracked_fit(params, phase, [task], out_dir, resume, extra_params=extra) as (result, run_id):
+    parents = {"pretraining": read_run_id(generator_dir), "guidance_predictor": read_run_id(guidance_dir),
+               "scm": read_run_id(scm_dir)}
+    with tracked_fit(params, phase, [task], out_dir, resume, extra_params=extra, data_root=data_root,
+                     parents=parents) as (result, run_id):
         metrics = dict(result.metrics[phase])
         metrics.update({"eps": eps, "eps_pretrained": eps_pretrained, "slack": slack})
         metrics.update({f"target_auc_{k}": v for k, v in (targets or {}).items()})

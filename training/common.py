@@ -40,16 +40,17 @@ def finite(metrics: dict[str, Any]) -> dict[str, float]:
 
 @contextlib.contextmanager
 def tracked_fit(params, phase: str, tasks, out: str | Path, resume: bool = False, extra_params: dict | None = None,
-                **loop_kwargs):
-    """One TorchTrainer.fit over `tasks` inside the phase's MLflow run (a new run, or with `resume` the
-    interrupted run that was writing `out`; see training/resume.py). Yields (FitResult, run_id); the
+                data_root: str | Path | None = None, parents: dict[str, str | None] | None = None, **loop_kwargs):
+    """One TorchTrainer.fit over `tasks` inside the phase's MLflow run (a new run tagged with the lineage of
+    `data_root` and `parents`, or with `resume` the interrupted run that was writing `out`; see
+    training/resume.py and store/lineage.py). Yields (FitResult, run_id); the
     block exports and calls `finish`. Anything escaping the block (or the fit) ends the run FAILED, or
     KILLED for Ctrl-C and SIGTERM. `loop_kwargs` are LoopConfig fields (the tests' `step_hooks`)."""
     from store import tracking
     from training.loop import LoopConfig, fit
     from training.resume import ending, open_run
 
-    name, run_id = open_run(params, phase, out, resume, extra_params)
+    name, run_id = open_run(params, phase, out, resume, extra_params, data_root=data_root, parents=parents)
     with ending(run_id):
         cfg = LoopConfig(tasks=tasks, run_id=run_id, tracking_uri=tracking.tracking_uri(),
                          metric_prefix=len(tasks) > 1, **loop_kwargs)

@@ -150,7 +150,8 @@ def train_generator(params, data_root, out_dir, metrics_file=None, resume=False,
     from cxrcf.hvae import HVAE
     from training.common import finish, load_arrays, tracked_fit, write_model
 
-    with tracked_fit(params, "generator", [make_task(params, data_root)], out_dir, resume, **loop_kwargs) as (
+    with tracked_fit(params, "generator", [make_task(params, data_root)], out_dir, resume, data_root=data_root,
+                     **loop_kwargs) as (
             result, run_id):
         metrics = dict(result.metrics["generator"])
         model = HVAE(params.generator.arch)

@@ -121,7 +121,8 @@ def train_predictors(params, data_root, out_guidance, out_evaluation, metrics_fi
     from training.common import finish, tracked_fit, write_model
 
     outs = {"guidance": Path(out_guidance), "evaluation": Path(out_evaluation)}
-    with tracked_fit(params, "predictors", make_tasks(params, data_root), out_guidance, resume) as (result, run_id):
+    with tracked_fit(params, "predictors", make_tasks(params, data_root), out_guidance, resume,
+                     data_root=data_root) as (result, run_id):
         metrics = {}
         for name, out_dir in outs.items():
             model = Predictor(getattr(params.predictors, name).arch)

@@ -82,11 +82,17 @@ def driver_alive(record: dict) -> bool:
     return started is not None and abs(started - float(record.get("started", 0.0))) < 1.0
 
 
-def open_run(params, phase: str, out: str | Path, resume: bool, extra_params: dict | None = None) -> tuple[str, str]:
+def open_run(params, phase: str, out: str | Path, resume: bool, extra_params: dict | None = None,
+             data_root: str | Path | None = None, parents: dict[str, str | None] | None = None) -> tuple[str, str]:
     """(Ray Train run name, MLflow run id) for this invocation: the interrupted run when `resume` finds
-    one it may continue, otherwise a new run; the record then names this driver."""
+    one it may continue, otherwise a new run, tagged with the lineage of `data_root` and the `parents`
+    runs (role -> run id); the record then names this driver."""
     from store import tracking
+    from store.lineage import tracking_dvc_file, training_lineage
     from training.loop import say, unique_name
+
+    # before any run exists: data that disagrees with data.dvc is refused with nothing written
+    lineage = training_lineage(data_root, tracking_dvc_file(data_root), parents) if data_root is not None else {}
 
     path = record_path(storage_root(params.ray), phase, out)
     wanted = fingerprint(params, phase, extra_params)
@@ -118,7 +124,7 @@ def open_run(params, phase: str, out: str | Path, resume: bool, extra_params: di
     if run_id is None:
         name = unique_name(phase)
         run_id = tracking.start_run(params, phase, run_name=name, extra_params=extra_params,
-                                    extra_tags={"ray_run": name})
+                                    extra_tags={"ray_run": name, **lineage})
     write_json(path, {"phase": phase, "out": str(Path(out).expanduser().resolve()), "name": name, "run_id": run_id,
                       "fingerprint": wanted, "host": socket.gethostname(), "pid": os.getpid(),
                       "started": _process_start(os.getpid())})

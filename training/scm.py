@@ -30,7 +30,7 @@ def train_scm(params, data_root, out_dir, metrics_file=None) -> dict:
             raise CxrcfError(f"{Path(data_root) / 'metadata.csv'}: no rows with split = {split}")
         parents[split] = parents_from_frame(rows)
     # Seconds of work: nothing to resume, but a run whose driver died is still marked KILLED.
-    _, run_id = open_run(params, "scm", out_dir, resume=False)
+    _, run_id = open_run(params, "scm", out_dir, resume=False, data_root=data_root)
     with ending(run_id):
         torch.manual_seed(params.scm.seed)
         scm = AttributeSCM(params.scm)
