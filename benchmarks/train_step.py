@@ -10,7 +10,15 @@ matmul is measured right before every timed window, and each window's images/s i
 GFLOP/s of that measurement (`*_per_gflops`), which compares across machines and busy moments.
 
 Usage: python benchmarks/train_step.py [--out artifacts/bench/train_step.json] [--threads 2]
-       [--steps 8] [--repeats 3] [--batch 32] [--configs cpu,reference]
+       [--steps 8] [--repeats 3] [--batch 32] [--configs cpu,reference] [--against REV [--windows 9]]
+
+With `--against REV` (a git revision, e.g. abeaaf4) it instead times the training step of the current
+`cxrcf/hvae.py` against that revision's, loaded into a temporary module, in one process: both models
+hold the same weights (the old one loads the new one's state_dict, so a key change fails here), their
+first losses are compared, and timed windows alternate new, old, new, old, ... so both see the same
+machine load; it reports the per-pair ratio new/old and its median. Other implementations can be
+timed the same way with `--against-module FILE`: a Python file outside the repo defining
+`build(arch) -> model` and `loss(model, x, ctx, beta) -> scalar` (the model's own training objective).
 
 Timings on a shared machine are noisy: each figure is reported as the best and the median of
 `--repeats` timed windows, with the load average before and after.
@@ -26,6 +34,26 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+def _module_from_source(name: str, source: str, filename: str):
+    import types
+
+    mod = types.ModuleType(name)
+    mod.__file__ = filename
+    sys.modules[name] = mod  # dataclasses look their module up by name
+    exec(compile(source, filename, "exec"), mod.__dict__)
+    return mod
+
+
+def hvae_at_revision(rev: str):
+    """cxrcf/hvae.py as it was at git revision `rev`, as a module (its imports resolve to today's package)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{rev}:cxrcf/hvae.py"], cwd=root, check=True,
+                         capture_output=True, text=True).stdout
+    return _module_from_source(f"_hvae_at_{rev}", src, f"{rev}:cxrcf/hvae.py")
+
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
     import torch
@@ -75,14 +103,7 @@ def bench_config(name: str, arch, batch: int, steps: int, warmup: int, repeats: 
     ctx_star = ctx.clone()
     ctx_star[:, 4] = 1 - ctx_star[:, 4]
     flops = flops_per_image(model, x, ctx, beta)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.9), weight_decay=0.05, fused=True)
-
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        model(x, ctx, beta)["loss"].backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
-        if torch.isfinite(norm) and norm < 1000:
-            opt.step()
+    train_step = _make_train_step(model, lambda m, x, ctx, beta: m(x, ctx, beta)["loss"], x, ctx, beta)
 
     print(f"[{name}] {count_parameters(model):,} parameters, {flops / 1e9:.3f} GFLOP/image fwd+bwd; warming up",
           flush=True)
@@ -123,6 +144,77 @@ def bench_config(name: str, arch, batch: int, steps: int, warmup: int, repeats: 
     }
 
 
+def _make_train_step(model, loss_fn, x, ctx, beta):
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.9), weight_decay=0.05, fused=True)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, x, ctx, beta).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 100.0)
+        if torch.isfinite(norm) and norm < 1000:
+            opt.step()
+
+    return train_step
+
+
+def bench_against(arch, batch: int, steps: int, warmup: int, windows: int, beta: float,
+                  rev: str | None = None, module_file: str | None = None) -> dict:
+    """Training steps/s of the current HVAE and of another implementation, windows alternating."""
+    import torch
+
+    from cxrcf.hvae import HVAE, count_parameters
+
+    def own_loss(model, x, ctx, beta):
+        return model(x, ctx, beta)["loss"]
+
+    torch.manual_seed(0)
+    new = HVAE(arch)
+    x, ctx = _inputs(arch, batch)
+    same_loss = None
+    if rev is not None:
+        label = rev
+        old = hvae_at_revision(rev).HVAE(arch)
+        old.load_state_dict(new.state_dict(), strict=True)
+        old_loss = own_loss
+        with torch.no_grad():
+            # the same posterior noise for both (it is drawn from the global generator)
+            a = (torch.manual_seed(1), own_loss(new, x, ctx, beta).item())[1]
+            b = (torch.manual_seed(1), own_loss(old, x, ctx, beta).item())[1]
+        same_loss = {"new": a, "old": b, "rel_diff": abs(a - b) / abs(b)}
+        print(f"first loss: new {a:.6f}, {rev} {b:.6f} (relative difference {same_loss['rel_diff']:.1e})", flush=True)
+    else:
+        label = Path(module_file).stem
+        other = _module_from_source(f"_bench_{label}", Path(module_file).read_text(), module_file)
+        torch.manual_seed(0)
+        old, old_loss = other.build(arch), other.loss
+    print(f"new {count_parameters(new):,} parameters, {label} {count_parameters(old):,}", flush=True)
+    steps_of = {"new": _make_train_step(new, own_loss, x, ctx, beta),
+                "old": _make_train_step(old, old_loss, x, ctx, beta)}
+    for fn in steps_of.values():
+        for _ in range(warmup):
+            fn()
+    rates = {"new": [], "old": []}
+    peaks = []
+    for w in range(windows):
+        # alternate which goes first, so a load change within a pair does not always favour one side
+        order = ("new", "old") if w % 2 == 0 else ("old", "new")
+        peaks.append(matmul_peak_gflops(reps=3))
+        for k in order:
+            fn = steps_of[k]
+            dt = _timed(lambda: [fn() for _ in range(steps)])
+            rates[k].append(batch * steps / dt)
+        print(f"pair {w + 1}/{windows}: new {rates['new'][-1]:.1f} img/s, {label} {rates['old'][-1]:.1f} img/s, "
+              f"ratio {rates['new'][-1] / rates['old'][-1]:.3f} at {peaks[-1]:.0f} GFLOP/s matmul "
+              f"(load {os.getloadavg()[0]:.2f})", flush=True)
+    ratios = [a / b for a, b in zip(rates["new"], rates["old"])]
+    return {"against": label, "arch": arch.model_dump(), "batch": batch, "steps_per_window": steps,
+            "parameters": {"new": count_parameters(new), "old": count_parameters(old)},
+            "first_loss": same_loss, "images_per_s": rates, "matmul_gflops": peaks,
+            "ratio_new_over_old": {"median": statistics.median(ratios), "windows": ratios}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="artifacts/bench/train_step.json")
@@ -133,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--beta", type=float, default=9.0)
     p.add_argument("--configs", default="cpu,reference")
+    p.add_argument("--against", metavar="REV", help="time the training step against cxrcf/hvae.py at this git revision")
+    p.add_argument("--against-module", metavar="FILE", help="time it against another implementation (see above)")
+    p.add_argument("--windows", type=int, default=9, help="alternated window pairs with --against")
     args = p.parse_args(argv)
 
     import torch
@@ -147,6 +242,22 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"--configs: unknown {unknown}; expected some of {list(archs)}", file=sys.stderr)
         return 2
+    if args.against or args.against_module:
+        if len(names) != 1:
+            print("--against: name one config in --configs", file=sys.stderr)
+            return 2
+        load_before = os.getloadavg()
+        r = bench_against(archs[names[0]], args.batch, args.steps, args.warmup, args.windows, args.beta,
+                          rev=args.against, module_file=args.against_module)
+        r.update(config=names[0], threads=args.threads, torch=torch.__version__, loadavg_before=load_before,
+                 loadavg_after=os.getloadavg())
+        med = r["ratio_new_over_old"]["median"]
+        print(f"\n{names[0]}: new/{r['against']} training images/s ratio, median of {args.windows} pairs: {med:.3f} "
+              f"(matmul {min(r['matmul_gflops']):.0f}-{max(r['matmul_gflops']):.0f} GFLOP/s, "
+              f"load {load_before[0]:.2f} -> {r['loadavg_after'][0]:.2f})")
+        write_json(args.out, r)
+        print(f"wrote {args.out}")
+        return 0
     load_before = os.getloadavg()
     peak = matmul_peak_gflops()
     print(f"fp32 matmul peak with {args.threads} threads: {peak:.1f} GFLOP/s (load {load_before[0]:.2f})", flush=True)

@@ -12,7 +12,16 @@ Speed notes (the maths is the reference's; only the arithmetic is rearranged):
   for all blocks there (one wide matmul instead of many thin ones), as is the GELU of those activations;
 - abduction returns the factual decoder output it computed on the way, so a counterfactual needs
   one more decoder pass, not two;
-- tensors are channels-last, which the CPU convolution kernels prefer.
+- tensors are channels-last, which the CPU convolution kernels prefer;
+- at 1x1 resolution a convolution is a matrix product (only the centre tap meets the image), so it
+  runs as one: a oneDNN convolution call costs ~10x a matmul on such tiny tensors;
+- in a deterministic decoder block (above z_max_res) z is the prior mean, so everything between the
+  prior's last activations and the next residual/prior inputs is linear: the 1x1 maps are multiplied
+  together (on weights, not images) and applied once, and the prior's unused scale channels are never
+  computed;
+- the next prior input, z_feat_proj([z, prior features]), is taken as a map of z plus a map of the
+  prior's last activations (the composition of z_feat_proj with the prior's output 1x1), so the
+  widest concatenation of the pass is never built.
 """
 
 from __future__ import annotations
@@ -92,6 +101,23 @@ def parse_decoder(spec: str, enc_res: list[int]) -> list[DecStage]:
 
 
 # ------------------------------------------------------------------------------------ building blocks
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int = 0) -> torch.Tensor:
+    if x.shape[-1] == 1 and x.shape[-2] == 1:
+        # with 'same' padding only the centre tap sees the single pixel
+        k = weight.shape[-1]
+        return F.linear(x.flatten(1), weight[:, :, k // 2, k // 2], bias)[:, :, None, None]
+    return F.conv2d(x, weight, bias, padding=padding)
+
+
+def _apply(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return _conv(x, conv.weight, conv.bias, conv.padding[0])
+
+
+def _matrix(conv: nn.Conv2d) -> torch.Tensor:
+    """A 1x1 convolution's weight as a matrix (out, in)."""
+    return conv.weight.flatten(1)
+
+
 class Block(nn.Module):
     """GELU bottleneck block: 1x1 -> kxk -> kxk -> 1x1, optional residual and average-pool downsampling."""
 
@@ -110,18 +136,25 @@ class Block(nn.Module):
 
     def tail(self, a: torch.Tensor) -> torch.Tensor:
         """The block after its first 1x1 convolution (`a` is that convolution's output)."""
-        return self.c4(F.gelu(self.c3(F.gelu(self.c2(F.gelu(a))))))
+        return _apply(self.c4, self._mid(a))
+
+    def _mid(self, a: torch.Tensor) -> torch.Tensor:
+        return F.gelu(_apply(self.c3, F.gelu(_apply(self.c2, F.gelu(a)))))
+
+    def body(self, x: torch.Tensor) -> torch.Tensor:
+        """The activations that the last 1x1 convolution `c4` maps to the output (no pooling)."""
+        return self._mid(_apply(self.c1, F.gelu(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = F.gelu(self.c3(F.gelu(self.c2(F.gelu(self.c1(F.gelu(x)))))))
+        a = self.body(x)
         if self.down:
             # Pooling commutes with the 1x1 convolutions and the residual sum, so pool first:
             # the widest tensors of the block then exist only at the lower resolution.
             a = F.avg_pool2d(a, self.down)
             x = F.avg_pool2d(x, self.down) if self.residual else x
-        out = self.c4(a)
+        out = _apply(self.c4, a)
         if self.residual:
-            out = out + (self.proj(x) if self.proj is not None else x)
+            out = out + (_apply(self.proj, x) if self.proj is not None else x)
         return out
 
 
@@ -141,7 +174,7 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        h = self.stem(x)
+        h = _apply(self.stem, x)
         acts = {h.shape[-1]: h}
         for b in self.blocks:
             h = b(h)
@@ -234,7 +267,7 @@ class Decoder(nn.Module):
         xq: dict[int, list[torch.Tensor]] = {}
         if acts is not None:
             for r, ix in self.stoch_at.items():
-                xp = self.x_proj[str(r)](F.gelu(acts[r]))
+                xp = _apply(self.x_proj[str(r)], F.gelu(acts[r]))
                 xq[r] = list(xp.chunk(len(ix), dim=1))
         zs: list[torch.Tensor] = []
         priors: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -246,33 +279,51 @@ class Decoder(nn.Module):
                 b = self.bias[str(res)]
                 h = b + F.interpolate(h, scale_factor=res // h.shape[-1])
                 z_state = b + F.interpolate(z_state, scale_factor=res // z_state.shape[-1])
-            zd = blk.z_dim
+            zd, w = blk.z_dim, blk.in_w
+            pa_feat = blk.z_proj_pa(ctx_gen)[:, :, None, None]
+            a_prior = blk.prior.body(z_state)
+            w_out, b_out = _matrix(blk.prior.c4), blk.prior.c4.bias
+            w_feat, b_feat = w_out[2 * zd:], b_out[2 * zd:]
+            nxt = blk.z_feat_proj
+            if nxt is not None:
+                w_nxt = _matrix(nxt)
+                w_nxt_z, w_nxt_feat = w_nxt[:, :zd], w_nxt[:, zd:]
+            if not blk.stochastic:
+                # z is the prior mean: fold z_proj and z_feat_proj into the prior's output map
+                w_loc, b_loc = w_out[:zd], b_out[:zd]
+                w_z = _matrix(blk.z_proj)
+                h = h + _conv(a_prior, (w_feat + w_z @ w_loc)[:, :, None, None],
+                              b_feat + w_z @ b_loc + blk.z_proj.bias) + pa_feat
+                h = blk.conv(h)
+                if nxt is not None:
+                    z_state = _conv(a_prior, (w_nxt_z @ w_loc + w_nxt_feat @ w_feat)[:, :, None, None],
+                                    w_nxt_z @ b_loc + w_nxt_feat @ b_feat + nxt.bias)
+                continue
             # split (not slicing) so the backward pass concatenates gradients instead of zero-filling
-            p_loc, p_raw, p_feat = blk.prior(z_state).split([zd, zd, blk.in_w], dim=1)
-            if blk.stochastic:
-                p_std = _std(p_raw)
-                if keep_priors:
-                    priors.append((p_loc, p_std))
-                if acts is not None:
-                    a = blk.q_h(F.gelu(h)) + xq[res].pop(0) + blk.q_pa(pa)[:, :, None, None]
-                    q_loc, q_raw = blk.posterior.tail(a).chunk(2, dim=1)
-                    q_std = _std(q_raw)
-                    kl.append(_gaussian_kl(q_loc, q_std, p_loc, p_std).sum(dim=(2, 3)))
-                    if t is not None:
-                        q_std = q_std * t
-                    z = q_loc + q_std * _noise(q_loc, generator)
-                elif latents is not None:
-                    z = latents[j]
-                else:
-                    z = p_loc + p_std * (1.0 if t is None else t) * _noise(p_loc, generator)
-                zs.append(z)
-                j += 1
+            p_loc, p_raw, p_feat = _apply(blk.prior.c4, a_prior).split([zd, zd, w], dim=1)
+            p_std = _std(p_raw)
+            if keep_priors:
+                priors.append((p_loc, p_std))
+            if acts is not None:
+                a = _apply(blk.q_h, F.gelu(h)) + xq[res].pop(0) + blk.q_pa(pa)[:, :, None, None]
+                q_loc, q_raw = blk.posterior.tail(a).chunk(2, dim=1)
+                q_std = _std(q_raw)
+                kl.append(_gaussian_kl(q_loc, q_std, p_loc, p_std).sum(dim=(2, 3)))
+                if t is not None:
+                    q_std = q_std * t
+                z = q_loc + q_std * _noise(q_loc, generator)
+            elif latents is not None:
+                z = latents[j]
             else:
-                z = p_loc
-            h = h + p_feat + blk.z_proj(z) + blk.z_proj_pa(ctx_gen)[:, :, None, None]
+                z = p_loc + p_std * (1.0 if t is None else t) * _noise(p_loc, generator)
+            zs.append(z)
+            j += 1
+            h = h + p_feat + _apply(blk.z_proj, z) + pa_feat
             h = blk.conv(h)
-            if blk.z_feat_proj is not None:
-                z_state = blk.z_feat_proj(torch.cat([z, p_feat], dim=1))
+            if nxt is not None:
+                # z_feat_proj([z, p_feat]) without the concatenation: p_feat is linear in a_prior
+                z_state = (_conv(z, w_nxt_z[:, :, None, None], w_nxt_feat @ b_feat + nxt.bias)
+                           + _conv(a_prior, (w_nxt_feat @ w_feat)[:, :, None, None], None))
         return h, zs, kl, priors
 
 
@@ -326,7 +377,7 @@ class HVAE(nn.Module):
                 raise CxrcfError(f"x: expected shape {want} matching ctx, got {tuple(x.shape)}")
 
     def _pixel_params(self, h: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.likelihood(h)
+        out = _apply(self.likelihood, h)
         c = self.arch.input_channels
         loc = out[:, :c]
         if self.template is not None:

@@ -121,6 +121,81 @@ def test_elbo_decreases_on_a_fixed_batch():
     assert last < first - 0.5, (first, last)
 
 
+def _plain_elbo(model: HVAE, x: torch.Tensor, ctx: torch.Tensor, beta: float, noise: torch.Generator):
+    """The training loss from the model's parameters by the plain recipe (every 1x1 convolution over the
+    concatenation it stands for, parents broadcast over space, prior outputs sliced, pooling after the
+    block), against which the model's rearranged arithmetic is checked."""
+    F = torch.nn.functional
+    arch = model.arch
+
+    def block(b, h):
+        a = F.gelu(b.c3(F.gelu(b.c2(F.gelu(b.c1(F.gelu(h)))))))
+        out = b.c4(a)
+        if b.residual:
+            out = out + (b.proj(h) if b.proj is not None else h)
+        return F.avg_pool2d(out, b.down) if b.down else out
+
+    def std(raw):
+        return F.softplus(raw + math.log(math.e - 1)) + 1e-4
+
+    h = model.encoder.stem(x)
+    acts = {h.shape[-1]: h}
+    for b in model.encoder.blocks:
+        h = block(b, h)
+        acts[h.shape[-1]] = h
+    dec = model.decoder
+    n, seen = x.shape[0], {}
+    h = z_state = dec.bias[str(dec.resolutions[0])].expand(n, -1, -1, -1)
+    kl = 0.0
+    for blk in dec.blocks:
+        r, zd = blk.res, blk.z_dim
+        if h.shape[-1] < r:
+            h = dec.bias[str(r)] + F.interpolate(h, scale_factor=r // h.shape[-1])
+            z_state = dec.bias[str(r)] + F.interpolate(z_state, scale_factor=r // z_state.shape[-1])
+        pa = ctx[:, :, None, None].expand(-1, -1, r, r)
+        prior = block(blk.prior, z_state)
+        p_loc, p_raw, p_feat = prior[:, :zd], prior[:, zd:2 * zd], prior[:, 2 * zd:]
+        if blk.stochastic:
+            i = seen[r] = seen.get(r, -1) + 1
+            mid = blk.q_h.out_channels
+            w_x = dec.x_proj[str(r)].weight[i * mid:(i + 1) * mid]
+            w_in = torch.cat([blk.q_h.weight, blk.q_pa.weight[:, :, None, None], w_x], dim=1)
+            q = blk.posterior
+            a = F.conv2d(F.gelu(torch.cat([h, pa, acts[r]], dim=1)), w_in, blk.q_h.bias)
+            q_loc, q_raw = q.c4(F.gelu(q.c3(F.gelu(q.c2(F.gelu(a)))))).chunk(2, dim=1)
+            q_std, p_std = std(q_raw), std(p_raw)
+            kl = kl + (torch.log(p_std / q_std) + 0.5 * (q_std**2 + (q_loc - p_loc) ** 2) / p_std**2 - 0.5).sum()
+            z = q_loc + q_std * torch.empty(q_loc.shape, dtype=q_loc.dtype).normal_(generator=noise)
+        else:
+            z = p_loc
+        w_z = torch.cat([blk.z_proj.weight, blk.z_proj_pa.weight[:, :, None, None]], dim=1)
+        h = block(blk.conv, h + p_feat + F.conv2d(torch.cat([z, pa], dim=1), w_z, blk.z_proj.bias))
+        if blk.z_feat_proj is not None:
+            z_state = blk.z_feat_proj(torch.cat([z, p_feat], dim=1))
+    out = model.likelihood(h)
+    logscale = out[:, 1:].clamp(-9.0, min(2.0, math.log(arch.pixel_scale_max)))
+    nll = discretized_gaussian_nll(x, out[:, :1], logscale).mean()
+    return nll + beta * kl / n / x[0].numel()
+
+
+@pytest.mark.parametrize("z_max_res", [1, 16])
+def test_the_rearranged_arithmetic_computes_the_plain_recipes_loss_and_gradients(z_max_res):
+    """Split 1x1 maps, folded deterministic blocks, matmuls at 1x1 resolution: the same function."""
+    arch = _arch("smoke").model_copy(update={"z_max_res": z_max_res})
+    torch.manual_seed(0)
+    model = HVAE(arch).double()
+    with torch.no_grad():  # zero-initialised prior heads would hide the folded prior-output maps
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, ctx = _images(4, 32).double(), _ctx(4).double()
+    got = model.elbo_with_abduction(x, ctx, 3.0, generator=torch.Generator().manual_seed(5))[0]["loss"]
+    want = _plain_elbo(model, x, ctx, 3.0, torch.Generator().manual_seed(5))
+    grads = [torch.autograd.grad(v, list(model.parameters())) for v in (got, want)]
+    assert abs(got.item() - want.item()) < 1e-10 * abs(want.item())
+    for g, w in zip(*grads):
+        assert torch.allclose(g, w, rtol=1e-9, atol=1e-12)
+
+
 def test_prior_ignores_parents_but_decoder_uses_them():
     torch.manual_seed(0)
     model = HVAE(_arch("smoke"))
