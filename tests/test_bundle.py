@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from helpers import synthetic_parents, tiny_bundle
@@ -28,11 +26,9 @@ def batch(bundle):
     return x, synthetic_parents(4, seed=3)
 
 
-def test_tiny_bundle_is_quick_and_seeded():
-    start = time.perf_counter()
+def test_tiny_bundle_is_seeded():
+    # its cost is not asserted here: speed belongs to benchmarks/, and a wall-clock limit fails on a loaded box
     a = tiny_bundle(seed=1)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 10.0  # target < 2 s on an idle machine; generous here for a loaded CI box
     rng_before = torch.get_rng_state()
     b = tiny_bundle(seed=1)
     assert torch.equal(rng_before, torch.get_rng_state())  # leaves the global RNG alone
