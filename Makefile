@@ -6,7 +6,8 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cxrcf-installed
 
-export RAY_AUTH_MODE ?= disabled
+# Ray's ports listen on every interface, so its token auth stays on (token in ~/.ray/auth_token, 0600)
+export RAY_AUTH_MODE ?= token
 export RAY_USAGE_STATS_ENABLED ?= 0
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 PARAMS_FILE = "params.yaml"
 
@@ -96,12 +98,43 @@ GROUPS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "pipeline": (_pipeline, "the main job: data -> champion with DVC, and its summary"),
 }
 
+# Ray's ports listen on every interface even for a local cluster (Ray 2.60 has no loopback-only bind),
+# so its token auth stays on: only processes holding the token attach as drivers (README, "Fail closed").
 QUIET_ENV = {
-    "RAY_AUTH_MODE": "disabled",
+    "RAY_AUTH_MODE": "token",
     "RAY_USAGE_STATS_ENABLED": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "DVC_NO_ANALYTICS": "1",
 }
+
+
+def quiet_env(environ=os.environ) -> None:
+    """QUIET_ENV wherever the caller has not chosen, and Ray's token kept private to this user."""
+    for key, value in QUIET_ENV.items():
+        environ.setdefault(key, value)
+    private_ray_token(environ)
+
+
+def private_ray_token(environ=os.environ, home: Path | None = None) -> Path | None:
+    """The token file a token-auth local cluster uses, created (or narrowed) to mode 0600.
+
+    `ray.init` would create ~/.ray/auth_token itself, but world-readable (0644 in Ray 2.60), which hands
+    the cluster to every local user. Nothing to do when auth is off or the token comes from elsewhere."""
+    if (environ.get("RAY_AUTH_MODE") or "").strip().lower() != "token":
+        return None
+    if environ.get("RAY_AUTH_TOKEN") or environ.get("RAY_AUTH_TOKEN_PATH"):
+        return None
+    path = (home or Path.home()) / ".ray" / "auth_token"
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # Ray's own generator: 256 bits as hex
+    return path
 
 
 def _usage() -> str:
@@ -113,11 +146,7 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    for key, value in QUIET_ENV.items():
-        # `cxrcf serve` decides Ray's auth itself: on whenever the API is reachable off loopback
-        if key == "RAY_AUTH_MODE" and argv[:1] == ["serve"]:
-            continue
-        os.environ.setdefault(key, value)
+    quiet_env()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

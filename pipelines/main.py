@@ -171,10 +171,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from cxrcf.cli import QUIET_ENV
+    from cxrcf.cli import quiet_env
 
-    for k, v in QUIET_ENV.items():
-        os.environ.setdefault(k, v)
+    quiet_env()
     try:
         raise SystemExit(main(sys.argv[1:]))
     except CxrcfError as err:

@@ -9,7 +9,8 @@ Defaults come from params.serve (127.0.0.1:8000, alias champion) and params.regi
 API keys: CXRCF_API_KEYS (comma-separated); required when --host is not a loopback address, and so
 is Ray's own token auth (RAY_AUTH_MODE=token, the token in ~/.ray/auth_token): Ray's ports listen on
 every interface, and without it a network peer could attach as a driver and bypass the API keys.
-On a loopback host with a local cluster Ray's auth stays off unless RAY_AUTH_MODE says otherwise.
+On a loopback host Ray's token auth is on too unless RAY_AUTH_MODE says otherwise: the API is local,
+but Ray's own ports are not (Ray 2.60 cannot bind them to loopback).
 Uses the Ray cluster of RAY_ADDRESS when set, else starts a local one. With serve.direct_ingress
 (default) each replica also answers on its own port from serve.direct_port (8100) up, skipping
 Serve's proxy: the fast path for heavy clients (serving/ingress.py).
@@ -113,7 +114,8 @@ def ray_auth_mode(host: str, address: str | None, environ) -> str | None:
         return "token"
     if explicit or address:
         return None  # an explicit choice, or a cluster started elsewhere: its own settings decide
-    return "disabled"  # the embedded loopback default (README): nothing but this machine reaches the API
+    # Ray's ports listen on every interface whatever host the API binds, so a local cluster keeps auth on
+    return "token"
 
 
 def _interrupt(signum, frame):

@@ -11,18 +11,17 @@ import os
 
 import pytest
 
+from cxrcf.cli import quiet_env
+
 # The registry's stores (SQLite, PostgreSQL + S3 server): session-wide, so the server starts once.
 pytest_plugins = ["registry_fixtures"]
 
 for _k, _v in {
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_DEDUP_LOGS": "0",
 }.items():
     os.environ.setdefault(_k, _v)
+quiet_env()  # as every cxrcf command: Ray's token auth on, telemetry off (before anything imports ray)
 
 
 @pytest.fixture(scope="session")

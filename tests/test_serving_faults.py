@@ -146,7 +146,8 @@ def test_unconfigured_replica_fails_closed():
 
 
 @pytest.mark.parametrize("host, address, env, want", [
-    ("127.0.0.1", None, {}, "disabled"),
+    ("127.0.0.1", None, {}, "token"),
+    ("127.0.0.1", None, {"RAY_AUTH_MODE": "disabled"}, None),
     ("127.0.0.1", None, {"RAY_AUTH_MODE": "token"}, None),
     ("127.0.0.1", "ray://head:10001", {}, None),
     ("0.0.0.0", None, {}, "token"),
@@ -156,6 +157,20 @@ def test_ray_token_auth_whenever_the_api_leaves_loopback(host, address, env, wan
     from serving.cli import ray_auth_mode
 
     assert ray_auth_mode(host, address, env) == want
+
+
+def test_ray_token_file_is_private_to_its_user(tmp_path):
+    from cxrcf.cli import private_ray_token
+
+    token = tmp_path / ".ray" / "auth_token"
+    assert private_ray_token({"RAY_AUTH_MODE": "disabled"}, home=tmp_path) is None and not token.exists()
+    assert private_ray_token({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t"}, home=tmp_path) is None
+    assert private_ray_token({"RAY_AUTH_MODE": "token"}, home=tmp_path) == token
+    first = token.read_text()
+    assert len(first) == 64 and int(first, 16) >= 0 and token.stat().st_mode & 0o777 == 0o600
+    token.chmod(0o644)  # as ray.init writes it
+    assert private_ray_token({"RAY_AUTH_MODE": "TOKEN"}, home=tmp_path) == token
+    assert token.stat().st_mode & 0o777 == 0o600 and token.read_text() == first  # narrowed, never replaced
 
 
 def test_public_host_with_ray_auth_disabled_is_refused(monkeypatch, capsys, tmp_path):
