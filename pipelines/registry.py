@@ -3,23 +3,18 @@
 Aliases carry the lifecycle (MLflow 3 has no stages): `candidate` is the latest registration,
 `champion` is what serving and augmentation load, `previous-champion` is what rollback restores.
 Every decision is written on the version as `promotion.*` tags, so the registry itself explains why
-its champion is the champion. Promotion and rollback run under one lock per registry
-(`promotion_lock`): they are read-check-write sequences, and two of them interleaving could leave
-`champion` and `previous-champion` disagreeing with the recorded decisions.
+its champion is the champion. Every alias move runs under the promotion lock (registry_lock.py) as a
+transaction over the alias ledger (registry_ledger.py), so one that a crash interrupted is finished
+by the next command.
 
 Top-level imports stay light (the CLI imports this module); torch and MLflow load inside functions.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 import tempfile
-import time
-from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +23,8 @@ from cxrcf.errors import CxrcfError
 from cxrcf.export import require_model_dir
 from cxrcf.fileio import read_json
 from pipelines.gates import check_gates, gates_reason, run_metrics
-from pipelines.registry_ledger import RegistryState, server_lock
+from pipelines.registry_ledger import champion_stack, ledger, now, repair, transact
+from pipelines.registry_lock import promotion_lock
 from store.models import (
     CANDIDATE,
     CHAMPION,
@@ -37,7 +33,6 @@ from store.models import (
     PREVIOUS,
     alias_map,
     connect,
-    error_code,
     flat_metrics,
     model_version,
     registered_model,
@@ -49,221 +44,6 @@ from store.tracking import ensure_experiment
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 GENERATOR_ARTIFACT = "generator"  # the logged model's name inside the registration run
 DESCRIPTION_LIMIT = 5000  # MLflow's SQL stores declare the version description as VARCHAR(5000)
-LOCK_WAIT_S = 120.0
-SERVER_LOCK_STALE_S = 300.0  # a server-side lock older than this belongs to a dead process
-
-
-# ------------------------------------------------------------------------------------------ locks
-def _sqlite_path(uri: str) -> Path | None:
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):]).resolve()
-    return None
-
-
-def _waiting(name: str, where: str) -> None:
-    print(f"registry: waiting for the promotion lock on {name!r} ({where})", file=sys.stderr, flush=True)
-
-
-def _seconds_env(key: str, default: float) -> float:
-    raw = os.environ.get(key, "")
-    try:
-        value = float(raw) if raw else default
-    except ValueError:
-        raise CxrcfError(f"{key}={raw!r}: expected seconds (a number)") from None
-    if not value > 0:
-        raise CxrcfError(f"{key}={raw!r}: must be positive")
-    return value
-
-
-def lock_stale_s() -> float:
-    return _seconds_env("CXRCF_REGISTRY_LOCK_STALE_S", SERVER_LOCK_STALE_S)
-
-
-def lock_wait_s() -> float:
-    return _seconds_env("CXRCF_REGISTRY_LOCK_WAIT_S", LOCK_WAIT_S)
-
-
-@contextlib.contextmanager
-def promotion_lock(name: str, client=None, timeout_s: float | None = None,
-                   stale_s: float | None = None) -> Iterator[dict]:
-    """Serialise every alias move of one registered model (register, promote, rollback, repair).
-
-    A SQLite store is a local file, so an OS file lock beside it serialises every process on the
-    machine and is released by the kernel even when its holder dies. Any other store is shared by
-    machines, so the lock lives in the store (`registry_ledger.server_lock`: owner tokens, epochs
-    taken and ended by compare-and-set, heartbeats stamped by the server, bounded retries).
-    Yields {waited_s, epoch, token, check}: `check()` raises when the lock was lost (a fence before writes).
-    """
-    client = client or connect()
-    timeout_s = lock_wait_s() if timeout_s is None else timeout_s
-    db = _sqlite_path(client.tracking_uri)
-    if db is not None:
-        with _file_lock(db.with_name(f".{db.name}.promotion.lock"), name, timeout_s) as held:
-            yield held
-    else:
-        with server_lock(client, name, timeout_s, lock_stale_s() if stale_s is None else stale_s,
-                         on_wait=lambda where: _waiting(name, where)) as held:
-            yield held
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, name: str, timeout_s: float) -> Iterator[dict]:
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    with open(path, "a+") as handle:
-        deadline = started + timeout_s
-        told = False
-        while True:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not told:
-                    _waiting(name, str(path))
-                    told = True
-                if time.monotonic() > deadline:
-                    raise CxrcfError(f"{path}: promotion lock still held after {timeout_s:.0f} s") from None
-                time.sleep(0.05)
-        try:
-            # The kernel never takes a flock from a live holder: nothing to fence.
-            yield {"waited_s": time.monotonic() - started, "epoch": None, "token": f"flock:{os.getpid()}",
-                   "check": lambda: None}
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-# ------------------------------------------------------------------------- ledger and transactions
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def ledger(name: str, client=None) -> RegistryState:
-    return RegistryState(client or connect(), name)
-
-
-def _set_aliases(client, name: str, moves: Mapping[str, str | None]) -> None:
-    from mlflow.exceptions import MlflowException
-
-    for alias, version in moves.items():
-        if version:
-            client.set_registered_model_alias(name, alias, str(version))
-        else:
-            try:
-                client.delete_registered_model_alias(name, alias)
-            except MlflowException as err:
-                if not _missing_error(err):
-                    raise
-
-
-def _missing_error(err) -> bool:
-    return "RESOURCE_DOES_NOT_EXIST" in error_code(err) or "not found" in str(err).lower()
-
-
-def _finish(client, name: str, intent: dict, check) -> None:
-    """Apply an intent's alias moves and version tags (idempotent: a repair runs it again)."""
-    check()
-    _set_aliases(client, name, intent["moves"])
-    after = alias_map(client, name)
-    wrong = {a: after.get(a) for a, v in intent["moves"].items() if after.get(a) != (str(v) if v else None)}
-    if wrong:
-        raise CxrcfError(f"model {name!r}: aliases {wrong} differ from what intent #{intent['seq']} just set; "
-                         f"another writer bypassed the promotion lock")
-    check()
-    for version, tags in intent.get("tags", {}).items():
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, value)
-
-
-def _transact(client, state: RegistryState, entry: dict, check) -> dict:
-    """Intent -> alias moves -> version tags -> completion; a crash leaves an intent for `repair`."""
-    check()
-    intent = state.append({"type": "intent", **entry})
-    _finish(client, state.name, intent, check)
-    check()
-    state.append({"type": "complete", "op": intent["seq"], "action": intent["action"]})
-    return intent
-
-
-def pending(entries: list[dict]) -> list[dict]:
-    done = {e["op"] for e in entries if e["type"] in ("complete", "abort")}
-    return [e for e in entries if e["type"] == "intent" and e["seq"] not in done]
-
-
-def repair(client, state: RegistryState, check) -> list[dict]:
-    """Complete every intent that a crashed command left without a completion (call under the lock).
-
-    Rolling forward is always right here: an intent is written only after its gates passed and
-    records the exact aliases and tags it sets, so finishing it is what the crashed command would
-    have done.
-    """
-    done = []
-    for intent in pending(state.entries()):
-        print(f"registry: completing the interrupted {intent['action']} of {state.name!r} "
-              f"(ledger #{intent['seq']} by {intent['by']} at {intent['at']})", file=sys.stderr, flush=True)
-        _finish(client, state.name, intent, check)
-        check()
-        state.append({"type": "complete", "op": intent["seq"], "action": intent["action"], "repaired": True})
-        done.append(intent)
-    return done
-
-
-def repair_model(name: str, client=None) -> list[dict]:
-    """`repair` under the promotion lock, for the `cxrcf registry repair` command."""
-    client = client or connect()
-    registered_model(client, name)
-    with promotion_lock(name, client) as held:
-        return repair(client, ledger(name, client), held["check"])
-
-
-def champion_stack(entries: list[dict]) -> list[str]:
-    """The champions that rollback walks back through, oldest first, as the ledger says.
-
-    A promotion pushes its version; a rollback to version V pops back to V's most recent place, so
-    repeated rollbacks walk back one promotion each and a rollback is never rolled back into.
-    """
-    done = {e["op"] for e in entries if e["type"] == "complete"}
-    stack: list[str] = []
-    for e in entries:
-        if e["type"] != "intent" or e["seq"] not in done:
-            continue
-        if e["action"] == "promote":
-            stack.append(e["version"])
-        elif e["action"] == "rollback":
-            target = e["version"]
-            if target in stack:
-                del stack[len(stack) - stack[::-1].index(target):]
-            else:
-                stack = [target]
-    return stack
-
-
-def _gate_cell(gate: dict) -> str:
-    value = "missing" if gate["value"] is None else f"{gate['value']:.4g}"
-    return f"{gate['name']}={value}{'' if gate['passed'] else ' FAIL'}"
-
-
-def history(name: str, client=None) -> list[dict]:
-    """One row per alias move or refusal, oldest first, from the ledger (status: done/PENDING/aborted)."""
-    client = client or connect()
-    registered_model(client, name)
-    entries = ledger(name, client).entries()
-    closing = {e["op"]: e for e in entries if e["type"] in ("complete", "abort")}
-    rows = []
-    for e in entries:
-        if e["type"] not in ("intent", "refused"):
-            continue
-        end = closing.get(e["seq"])
-        status = "refused" if e["type"] == "refused" else (
-            "PENDING" if end is None else "aborted" if end["type"] == "abort"
-            else "repaired" if end.get("repaired") else "done")
-        moves = ", ".join(f"{a}: {e.get('from', {}).get(a) or '-'} -> {v or '-'}" for a, v in e.get("moves", {}).items())
-        gates = "; ".join(_gate_cell(g) for g in e.get("gates", []))
-        rows.append({"seq": e["seq"], "at": e["at"], "by": e["by"], "action": e["action"],
-                     "version": e.get("version"), "moves": moves or "-", "decision": e.get("decision", ""),
-                     "status": status, "gates": gates, "reason": e.get("reason", "")})
-    return rows
 
 
 # -------------------------------------------------------------------------------------- promotion
@@ -326,7 +106,7 @@ def promote(params, name: str | None = None, version: str | None = None, client=
                              f"registration run {expect_run_id} named by the register stage's output")
         champion = aliases.get(CHAMPION)
         previous = aliases.get(PREVIOUS)
-        checked_at = _now()
+        checked_at = now()
         if champion == version:
             return Decision(name, version, "unchanged", f"version {version} is already champion", champion,
                             previous, checked_at, waited, [], None, repaired)
@@ -352,7 +132,7 @@ def promote(params, name: str | None = None, version: str | None = None, client=
             # The version remembers whom it replaced, so a registry read without the ledger still explains it.
             tags["promotion.previous_champion"] = champion or ""
             moves = {PREVIOUS: champion, CHAMPION: version} if champion else {CHAMPION: version}
-            intent = _transact(client, state, {**entry, "moves": moves,
+            intent = transact(client, state, {**entry, "moves": moves,
                                                "from": {PREVIOUS: previous, CHAMPION: champion},
                                                "tags": {version: tags}}, held["check"])
             previous = champion or previous
@@ -401,12 +181,12 @@ def rollback(params, name: str | None = None, client=None, to: str | None = None
                                  f"rollback chain (earlier champions: {earlier})")
             stack = stack[:len(stack) - stack[::-1].index(restored)]
         before = stack[-2] if len(stack) >= 2 else None
-        at = _now()
+        at = now()
         tags = {restored: {"promotion.previous_champion": before or "", "rollback.restored_at": at,
                            "rollback.replaced_version": demoted or ""}}
         if demoted:
             tags[demoted] = {"rollback.demoted_at": at, "rollback.replaced_by": restored}
-        intent = _transact(client, state, {
+        intent = transact(client, state, {
             "action": "rollback", "version": restored, "decision": "rolled back",
             "reason": f"rollback to version {restored}" + (" (explicit --to)" if to else ""),
             "moves": {CHAMPION: restored, PREVIOUS: before},
@@ -414,6 +194,14 @@ def rollback(params, name: str | None = None, client=None, to: str | None = None
         return {"name": name, "champion_version": restored, "demoted_version": demoted,
                 "previous_champion": before, "rolled_back_at": at, "ledger_seq": intent["seq"],
                 "repaired": repaired}
+
+
+def repair_model(name: str, client=None) -> list[dict]:
+    """`repair` under the promotion lock, for the `cxrcf registry repair` command."""
+    client = client or connect()
+    registered_model(client, name)
+    with promotion_lock(name, client) as held:
+        return repair(client, ledger(name, client), held["check"])
 
 
 # ----------------------------------------------------------------------------------- registration
@@ -554,7 +342,7 @@ def register(params, generator_dir, scm_dir, predictor_dir, guidance_dir, mode: 
     with promotion_lock(name, client) as held:
         repair(client, state, held["check"])
         before = alias_map(client, name).get(CANDIDATE)
-        _transact(client, state, {"action": "register", "version": version, "decision": "registered",
+        transact(client, state, {"action": "register", "version": version, "decision": "registered",
                                   "reason": f"{mode} CFT generator registered from run {run_id}", "run_id": run_id,
                                   "moves": {CANDIDATE: version}, "from": {CANDIDATE: before},
                                   "gates": gate_rows}, held["check"])

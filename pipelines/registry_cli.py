@@ -105,7 +105,7 @@ def _write(path: str | None, obj) -> None:
 
 def _run(args) -> int:
     from cxrcf.config import load_params
-    from pipelines import registry
+    from pipelines import registry, registry_ledger
     from store import models
 
     params = load_params(args.params)
@@ -143,7 +143,7 @@ def _run(args) -> int:
         return 0
     name = getattr(args, "name", None) or params.registry.generator_name
     if args.command == "history":
-        rows = registry.history(name)
+        rows = registry_ledger.history(name)
         if args.json:
             import json
 

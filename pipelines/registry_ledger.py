@@ -1,4 +1,5 @@
-"""The registry's own state in MLflow: an append-only alias ledger and a promotion lock.
+"""The registry's own state in MLflow: an append-only alias ledger, the alias moves written through
+it, and the server-side promotion lock.
 
 MLflow keeps only the current aliases (mlflow/mlflow issue 2169: no alias history), so cxrcf keeps
 its history in the store itself, where every client sees it and it outlives the client: one MLflow
@@ -20,6 +21,11 @@ Staleness uses no client clock against the server's: the holder heartbeats by up
 description of `<NAME>.cxrcf-registry` (the server stamps it), and a waiter declares the holder dead
 only when that server-stamped heartbeat has not moved for `stale_s` of the waiter's own monotonic
 time. Clocks on different machines are never compared.
+
+Every alias move is a transaction over the ledger (`transact`): an intent naming the exact aliases
+and tags it sets, the moves, then a completion. MLflow cannot move two aliases atomically, so a
+crash between them leaves an intent without its completion, which `repair` rolls forward under the
+lock; `history` and rollback's `champion_stack` read the same entries.
 """
 
 from __future__ import annotations
@@ -34,10 +40,11 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 
 from cxrcf.errors import CxrcfError
+from store.models import alias_map, connect, error_code, registered_model
 
 STATE_SUFFIX = ".cxrcf-registry"
 STATE_EXPERIMENT = "cxrcf-registry-state"
@@ -60,16 +67,12 @@ def who() -> str:
     return f"{user}@{socket.gethostname()}:{os.getpid()}"
 
 
-def _code(err) -> str:
-    return getattr(err, "error_code", "") or ""
-
-
 def _exists_error(err) -> bool:
-    return "RESOURCE_ALREADY_EXISTS" in _code(err) or "already exists" in str(err).lower()
+    return "RESOURCE_ALREADY_EXISTS" in error_code(err) or "already exists" in str(err).lower()
 
 
 def _missing_error(err) -> bool:
-    return "RESOURCE_DOES_NOT_EXIST" in _code(err) or "not found" in str(err).lower()
+    return "RESOURCE_DOES_NOT_EXIST" in error_code(err) or "not found" in str(err).lower()
 
 
 def _backoff(attempt: int, base: float = 0.2, cap: float = 6.4) -> float:
@@ -234,7 +237,7 @@ def server_lock(client, name: str, timeout_s: float, stale_s: float,
             errors += 1
             if errors >= MAX_ERRORS:
                 raise CxrcfError(f"{client.tracking_uri}: promotion lock of {name!r} failed {errors} times in a "
-                                 f"row ({_code(err) or type(err).__name__}: "
+                                 f"row ({error_code(err) or type(err).__name__}: "
                                  f"{str(err).splitlines()[0][:200]})") from None
             time.sleep(_backoff(errors))
             continue
@@ -283,3 +286,119 @@ def server_lock(client, name: str, timeout_s: float, stale_s: float,
             ended_by = state.params().get(f"{FREE}{epoch:06d}", "nobody (the release never reached the store)")
             print(f"registry: promotion lock epoch {epoch} of {name!r} was ended by {ended_by} while this "
                   f"process held it", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------- alias moves as transactions
+def ledger(name: str, client=None) -> RegistryState:
+    return RegistryState(client or connect(), name)
+
+
+def _set_aliases(client, name: str, moves: Mapping[str, str | None]) -> None:
+    from mlflow.exceptions import MlflowException
+
+    for alias, version in moves.items():
+        if version:
+            client.set_registered_model_alias(name, alias, str(version))
+        else:
+            try:
+                client.delete_registered_model_alias(name, alias)
+            except MlflowException as err:
+                if not _missing_error(err):
+                    raise
+
+
+def _finish(client, name: str, intent: dict, check) -> None:
+    """Apply an intent's alias moves and version tags (idempotent: a repair runs it again)."""
+    check()
+    _set_aliases(client, name, intent["moves"])
+    after = alias_map(client, name)
+    wrong = {a: after.get(a) for a, v in intent["moves"].items() if after.get(a) != (str(v) if v else None)}
+    if wrong:
+        raise CxrcfError(f"model {name!r}: aliases {wrong} differ from what intent #{intent['seq']} just set; "
+                         f"another writer bypassed the promotion lock")
+    check()
+    for version, tags in intent.get("tags", {}).items():
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+
+
+def transact(client, state: RegistryState, entry: dict, check) -> dict:
+    """Intent -> alias moves -> version tags -> completion; a crash leaves an intent for `repair`."""
+    check()
+    intent = state.append({"type": "intent", **entry})
+    _finish(client, state.name, intent, check)
+    check()
+    state.append({"type": "complete", "op": intent["seq"], "action": intent["action"]})
+    return intent
+
+
+def pending(entries: list[dict]) -> list[dict]:
+    done = {e["op"] for e in entries if e["type"] in ("complete", "abort")}
+    return [e for e in entries if e["type"] == "intent" and e["seq"] not in done]
+
+
+def repair(client, state: RegistryState, check) -> list[dict]:
+    """Complete every intent that a crashed command left without a completion (call under the lock).
+
+    Rolling forward is always right here: an intent is written only after its gates passed and
+    records the exact aliases and tags it sets, so finishing it is what the crashed command would
+    have done.
+    """
+    done = []
+    for intent in pending(state.entries()):
+        print(f"registry: completing the interrupted {intent['action']} of {state.name!r} "
+              f"(ledger #{intent['seq']} by {intent['by']} at {intent['at']})", file=sys.stderr, flush=True)
+        _finish(client, state.name, intent, check)
+        check()
+        state.append({"type": "complete", "op": intent["seq"], "action": intent["action"], "repaired": True})
+        done.append(intent)
+    return done
+
+
+def champion_stack(entries: list[dict]) -> list[str]:
+    """The champions that rollback walks back through, oldest first, as the ledger says.
+
+    A promotion pushes its version; a rollback to version V pops back to V's most recent place, so
+    repeated rollbacks walk back one promotion each and a rollback is never rolled back into.
+    """
+    done = {e["op"] for e in entries if e["type"] == "complete"}
+    stack: list[str] = []
+    for e in entries:
+        if e["type"] != "intent" or e["seq"] not in done:
+            continue
+        if e["action"] == "promote":
+            stack.append(e["version"])
+        elif e["action"] == "rollback":
+            target = e["version"]
+            if target in stack:
+                del stack[len(stack) - stack[::-1].index(target):]
+            else:
+                stack = [target]
+    return stack
+
+
+def _gate_cell(gate: dict) -> str:
+    value = "missing" if gate["value"] is None else f"{gate['value']:.4g}"
+    return f"{gate['name']}={value}{'' if gate['passed'] else ' FAIL'}"
+
+
+def history(name: str, client=None) -> list[dict]:
+    """One row per alias move or refusal, oldest first, from the ledger (status: done/PENDING/aborted)."""
+    client = client or connect()
+    registered_model(client, name)
+    entries = ledger(name, client).entries()
+    closing = {e["op"]: e for e in entries if e["type"] in ("complete", "abort")}
+    rows = []
+    for e in entries:
+        if e["type"] not in ("intent", "refused"):
+            continue
+        end = closing.get(e["seq"])
+        status = "refused" if e["type"] == "refused" else (
+            "PENDING" if end is None else "aborted" if end["type"] == "abort"
+            else "repaired" if end.get("repaired") else "done")
+        moves = ", ".join(f"{a}: {e.get('from', {}).get(a) or '-'} -> {v or '-'}" for a, v in e.get("moves", {}).items())
+        gates = "; ".join(_gate_cell(g) for g in e.get("gates", []))
+        rows.append({"seq": e["seq"], "at": e["at"], "by": e["by"], "action": e["action"],
+                     "version": e.get("version"), "moves": moves or "-", "decision": e.get("decision", ""),
+                     "status": status, "gates": gates, "reason": e.get("reason", "")})
+    return rows

@@ -36,6 +36,7 @@
   arms share the batch queue; a batch runs one forward pass per arm. Both models in one replica
   rather than a second deployment: Serve has no traffic split to lean on, a second deployment
   would put an actor hop on every request again, and the tiny bundles cost little memory twice.
+  The routing, the candidate's slot, the shadows and the tallies are serving/canary.py.
 """
 
 # No `from __future__ import annotations`: Serve rebuilds the route methods of the ingress class
@@ -65,7 +66,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cxrcf.config import CanaryConfig, ServeConfig
+from cxrcf.config import ServeConfig
 from cxrcf.errors import CxrcfError
 from cxrcf.png import (
     ImageError,
@@ -78,13 +79,12 @@ from cxrcf.png import (
     resize_gray,
 )
 from serving import auth
+from serving.canary import Canary, route
 from serving.engine import Item, ItemResult, run_batch
 from serving.policy import lkg_dir, reply_bytes
 from serving.schemas import (
     AliasState,
-    ArmStats,
     BatchStats,
-    CanaryInfo,
     Counterfactual,
     CounterfactualRequest,
     CounterfactualResponse,
@@ -728,58 +728,6 @@ class BatchTimeout(Exception):
     pass
 
 
-# ----------------------------------------------------------------------------------------- canary
-def share(request_id: str, salt: str) -> float:
-    """Where `request_id` falls in [0, 1): the same id always lands in the same place (replicas agree,
-    a client can retry into the same arm, and tests can pick ids), and `salt` decorrelates the draws."""
-    digest = hashlib.sha256(f"{salt}:{request_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def route(request_id: str, canary: CanaryConfig) -> tuple[str, bool]:
-    """(the arm that answers, whether a copy goes to the candidate as a shadow)."""
-    if share(request_id, "weight") < canary.weight:
-        return "candidate", False
-    return "champion", share(request_id, "shadow") < canary.shadow
-
-
-ARMS = ("champion", "candidate", "shadow")
-
-
-class CanaryTally:
-    """Online effectiveness per arm: the evaluation predictor's probability of each intervened value
-    on the counterfactual (age: absolute error in years), as running means and as metrics."""
-
-    def __init__(self):
-        self.requests = dict.fromkeys(ARMS, 0)
-        self.versions: dict[str, str | None] = dict.fromkeys(ARMS)
-        self.sums: dict[str, dict[str, float]] = {arm: {} for arm in ARMS}
-        self.counts: dict[str, dict[str, int]] = {arm: {} for arm in ARMS}
-        self.shadow_skipped = 0
-        self.shadow_failed = 0
-
-    def observe(self, arm: str, version: str, interventions: list[dict], result: ItemResult) -> None:
-        self.requests[arm] += 1
-        self.versions[arm] = version
-        record("arm_requests", 1, {"arm": arm, "version": version})
-        for do, cf in zip(interventions, result.counterfactuals):
-            p = probabilities(cf["probabilities"])
-            for attr, value in do.items():
-                if attr == "age":
-                    key, score = "age_error_years", abs(p.age - float(value))
-                    record("online_age_error", score, {"arm": arm, "version": version})
-                else:
-                    key, score = attr, getattr(p, attr)[value]
-                    record("online_effectiveness", score, {"arm": arm, "version": version, "attribute": attr})
-                self.sums[arm][key] = self.sums[arm].get(key, 0.0) + score
-                self.counts[arm][key] = self.counts[arm].get(key, 0) + 1
-
-    def arms(self) -> dict[str, ArmStats]:
-        return {arm: ArmStats(requests=self.requests[arm], version=self.versions[arm],
-                              effectiveness={k: self.sums[arm][k] / n for k, n in self.counts[arm].items()})
-                for arm in ARMS}
-
-
 @serve.ingress(api)
 class CounterfactualService:
     def __init__(self, source: dict, data_root: str | None = None, config: dict | None = None, runner=None):
@@ -814,16 +762,8 @@ class CounterfactualService:
             self._replica = get_replica_context().replica_id.unique_id
         except Exception:  # noqa: BLE001 -- outside Serve (a unit test) there is no replica id
             self._replica = f"pid-{os.getpid()}"
-        # the canary's candidate: loaded now when configured (so the first request can go to it),
-        # retried by a thread while it is missing
-        self._candidate: ModelSlot | None = None
-        self._candidate_error: str | None = None
-        self._candidate_lock = threading.Lock()
-        self._tally = CanaryTally()
-        self._shadows: set[asyncio.Task] = set()
-        self._stop = threading.Event()
-        self._sync_candidate()
-        threading.Thread(target=self._retry_candidate, name="cxrcf-candidate", daemon=True).start()
+        self._canary = Canary(source, ModelSlot, lambda: runtime()["config"], record)
+        self._canary.start()
         _attach(self)
 
     def reconfigure(self, config: dict) -> None:
@@ -832,55 +772,7 @@ class CounterfactualService:
         self.batched.set_max_batch_size(cfg.max_batch_size)
         self.batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._slot.follow(cfg)
-        self._sync_candidate()
-
-    # -------------------------------------------------------------------------------- candidate
-    def _sync_candidate(self) -> None:
-        """Load, keep or drop the candidate's slot as serve.canary now says (never raises)."""
-        cfg: ServeConfig = runtime()["config"]
-        with self._candidate_lock:
-            held = self._candidate
-            if held is not None and (not cfg.canary.on or held.source.alias != cfg.canary.alias):
-                held.stop()
-                self._candidate = held = None
-            if not cfg.canary.on:
-                self._candidate_error = None
-                return
-            if held is not None:
-                held.follow(cfg)
-                return
-            source = self._slot.source.model_copy(update={"alias": cfg.canary.alias, "version": None})
-            try:
-                slot = ModelSlot(source, cfg)
-            except Exception as err:  # noqa: BLE001 -- no candidate is a normal state: all traffic to the champion
-                self._candidate_error = _one_line(err)
-                log.info("cxrcf: canary: no candidate from %s (%s); the champion answers everything",
-                         source.uri(), self._candidate_error)
-                return
-            slot.follow(cfg)
-            self._candidate, self._candidate_error = slot, None
-
-    def _retry_candidate(self) -> None:
-        while not self._stop.wait(runtime()["config"].reload_poll_s):
-            if self._candidate is None and runtime()["config"].canary.on:
-                self._sync_candidate()
-
-    def _live_candidate(self) -> ModelSlot | None:
-        slot = self._candidate
-        return slot if slot is not None and not slot.withdrawn else None
-
-    async def _mirror(self, item: Item) -> None:
-        """The shadow: the candidate's answer to a copy of a request, scored and dropped."""
-        try:
-            result, ref = await self.batched(("candidate", item))
-        except Exception as err:  # noqa: BLE001 -- a failing shadow must never touch the champion's answers
-            self._tally.shadow_failed += 1
-            record("shadow_failures", 1)
-            log.warning("cxrcf: canary: a shadow request failed (%s)", _one_line(err))
-            return
-        if ref["arm"] != "candidate":
-            return  # the candidate left between routing and batching: the champion's answer says nothing of it
-        self._tally.observe("shadow", ref["version"], item.interventions, result)
+        self._canary.sync()
 
     # ----------------------------------------------------------------------------------- health
     def check_health(self) -> None:
@@ -894,19 +786,16 @@ class CounterfactualService:
             raise RuntimeError(f"a forward pass has run for {stuck:.0f}s")
 
     def __del__(self):
-        for slot in (getattr(self, "_slot", None), getattr(self, "_candidate", None)):
-            if slot is not None:
-                slot.stop()
-        stop = getattr(self, "_stop", None)
-        if stop is not None:
-            stop.set()
+        for part in (getattr(self, "_slot", None), getattr(self, "_canary", None)):
+            if part is not None:
+                part.stop()
 
     # ---------------------------------------------------------------------------------- batches
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def batched(self, requests: list[tuple[str, Item]]) -> list[tuple[ItemResult, dict]]:
         # each arm's state as this batch starts: a reload or a canary change mid-batch changes nothing here
         states = {"champion": self._slot.state}
-        candidate = self._live_candidate()
+        candidate = self._canary.live()
         if candidate is not None:
             states["candidate"] = candidate.state
         groups: dict[str, list[int]] = {}
@@ -945,18 +834,6 @@ class CounterfactualService:
             self._batch_started = None
 
     # ----------------------------------------------------------------------------------- routes
-    def _canary_info(self) -> CanaryInfo | None:
-        canary = runtime()["config"].canary
-        if not canary.on and not any(self._tally.requests.values()):
-            return None
-        slot = self._candidate
-        return CanaryInfo(alias=canary.alias, weight=canary.weight, shadow=canary.shadow,
-                          candidate_version=slot.state.version if slot else None,
-                          candidate_state=slot.alias_state() if slot else None,
-                          candidate_error=self._candidate_error, shadow_pending=len(self._shadows),
-                          shadow_skipped=self._tally.shadow_skipped, shadow_failed=self._tally.shadow_failed,
-                          arms=self._tally.arms())
-
     def _info(self) -> dict:
         s = self._slot.state
         return ModelInfo(
@@ -966,7 +843,7 @@ class CounterfactualService:
             stats=BatchStats(batches=self._batches, requests=self._requests,
                              mean_batch_size=self._requests / self._batches if self._batches else 0.0,
                              max_batch_size=self._batching[0], batch_wait_timeout_s=self._batching[1]),
-            alias_state=self._slot.alias_state(), canary=self._canary_info(),
+            alias_state=self._slot.alias_state(), canary=self._canary.info(),
         ).model_dump()
 
     def _model_headers(self) -> dict[str, str]:
@@ -1045,7 +922,7 @@ class CounterfactualService:
         item = Item(pixels=pixels, parents=parents, interventions=[i.values() for i in req.interventions],
                     t_u=t_u, seed=req.seed)
         arm, mirror = "champion", False
-        if cfg.canary.on and self._live_candidate() is not None:
+        if cfg.canary.on and self._canary.live() is not None:
             # Serve's proxy and direct ingress put the client's X-Request-ID (or a fresh one) here
             arm, mirror = route(request.headers.get("x-request-id") or uuid.uuid4().hex, cfg.canary)
         try:
@@ -1057,23 +934,13 @@ class CounterfactualService:
             raise ApiError(503, "model", f"inference failed ({type(err).__name__}); try again",
                            {"Retry-After": str(cfg.retry_after_s)}) from None
         if cfg.canary.on:
-            self._tally.observe(ref["arm"], ref["version"], item.interventions, result)
+            self._canary.tally.observe(ref["arm"], ref["version"], item.interventions, result)
             if mirror:
-                self._shadow(item, cfg.canary.max_shadow_pending)
+                self._canary.shadow(self.batched, item, cfg.canary.max_shadow_pending)
         body = await _off_loop(_reply, req, t_u, result, ref, height, width, inline=height * width <= INLINE_PIXELS)
         headers = {"X-Model-Version": ref["version"], "X-Model-Alias": ref["alias"] or ""}
         # already a validated CounterfactualResponse: sending its JSON spares FastAPI a second validation
         return Response(body, media_type="application/json", headers=headers)
-
-    def _shadow(self, item: Item, max_pending: int) -> None:
-        # bounded: under load the shadow is what gives way, not the answers
-        if len(self._shadows) >= max_pending:
-            self._tally.shadow_skipped += 1
-            record("shadow_skipped", 1)
-            return
-        task = asyncio.get_running_loop().create_task(self._mirror(item))
-        self._shadows.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(self._shadows.discard)
 
 
 # ------------------------------------------------------------------------------------- building

@@ -25,7 +25,7 @@ from helpers import tiny_bundle
 from cxrcf import cli
 from cxrcf.config import preset_params
 from cxrcf.errors import CxrcfError
-from pipelines import registry
+from pipelines import registry, registry_ledger
 from store import models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -347,7 +347,7 @@ def test_rollback_to_an_earlier_champion_and_refusals(registered, parts, capsys)
     assert "version 3 is not an earlier champion" in capsys.readouterr().err
     assert registry.promote(parts.params, name=name, version="2").decision == "promoted"
     assert registry.rollback(parts.params, name=name)["champion_version"] == "1"
-    stack_moves = [(r["action"], r["version"], r["status"]) for r in registry.history(name)]
+    stack_moves = [(r["action"], r["version"], r["status"]) for r in registry_ledger.history(name)]
     assert stack_moves == [("promote", "1", "done"), ("promote", "2", "done"), ("promote", "3", "done"),
                            ("rollback", "1", "done"), ("promote", "2", "done"), ("rollback", "1", "done")]
 
@@ -383,7 +383,7 @@ def test_version_tags_that_disagree_with_the_run_refuse_promotion(registered, pa
     err = capsys.readouterr().err
     assert "tag eval.amplification.worst = 0.1 disagrees with run" in err and "logged amplification.worst = 3" in err
     assert "champion" not in registry.alias_map(mlc, name)
-    refused = registry.history(name)[-1]
+    refused = registry_ledger.history(name)[-1]
     assert (refused["action"], refused["status"], refused["version"]) == ("promote", "refused", "1")
     assert "max_amplification=3 FAIL" in refused["gates"] and "disagrees" in refused["reason"]
 
@@ -415,14 +415,14 @@ def test_a_promotion_killed_between_alias_moves_is_completed_by_the_next_command
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
     aliases = registry.alias_map(client(), name)
     assert aliases["champion"] == "1" and aliases["previous-champion"] == "1"  # the half-done state
-    assert [r["status"] for r in registry.history(name)] == ["done", "PENDING"]
+    assert [r["status"] for r in registry_ledger.history(name)] == ["done", "PENDING"]
 
     assert cli.main(["registry", "promote", "--params", parts.params_file, "--name", name, "--version", "3"]) == 0
     out = capsys.readouterr().out
     assert "completed the interrupted alias move" in out
     aliases = registry.alias_map(client(), name)
     assert (aliases["champion"], aliases["previous-champion"]) == ("3", "2")
-    rows = registry.history(name)
+    rows = registry_ledger.history(name)
     assert [(r["version"], r["status"]) for r in rows] == [("1", "done"), ("2", "repaired"), ("3", "done")]
     assert client().get_model_version(name, "2").tags["promotion.decision"] == "promoted"
     assert "champion: 1 -> 2" in rows[1]["moves"] and "champion: 2 -> 3" in rows[2]["moves"]
@@ -431,8 +431,8 @@ def test_a_promotion_killed_between_alias_moves_is_completed_by_the_next_command
 # Takes the promotion lock, says so, and waits to be killed: a holder that dies without releasing.
 STALE_HOLDER = """
 import sys, time
-from pipelines import registry
-with registry.promotion_lock(sys.argv[1]):
+from pipelines import registry_lock
+with registry_lock.promotion_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)
 """
@@ -471,7 +471,7 @@ def test_three_racing_promoters_and_a_stale_holder_end_in_one_consistent_chain(
         holder.kill()
         holder.wait()
 
-    entries = registry.ledger(name).entries()
+    entries = registry_ledger.ledger(name).entries()
     intents = [e for e in entries if e["type"] == "intent"]
     assert intents[0]["version"] == "1" and sorted(e["version"] for e in intents[1:]) == ["2", "3", "4"]
     by_seq = {e["seq"]: e for e in entries}
@@ -484,7 +484,7 @@ def test_three_racing_promoters_and_a_stale_holder_end_in_one_consistent_chain(
     assert (aliases["champion"], aliases["previous-champion"]) == (intents[-1]["version"], intents[-2]["version"])
     waited = sorted(float(client().get_model_version(name, v).tags["promotion.waited_s"]) for v in ("2", "3", "4"))
     if registry_backend["kind"] != "sqlite":
-        locks = {k: v for k, v in registry.ledger(name).params().items() if k.startswith("lock.free.")}
+        locks = {k: v for k, v in registry_ledger.ledger(name).params().items() if k.startswith("lock.free.")}
         assert sum(v.startswith("broken-by") for v in locks.values()) == 1, locks
         assert sum("broke the promotion lock" in log.read_text() for log in logs) == 1
     with capsys.disabled():

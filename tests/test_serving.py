@@ -515,8 +515,8 @@ def test_cli_refuses_public_host_without_keys_and_unknown_alias(mlflow_uri, monk
 
 # ----------------------------------------------------------------------------------------- canary
 def _canary_ids(canary, n: int = 12) -> dict[str, str]:
-    """n request ids and the arm each is routed to under `canary` (serving.app.route, a pure function)."""
-    from serving.app import route
+    """n request ids and the arm each is routed to under `canary` (serving.canary.route, a pure function)."""
+    from serving.canary import route
 
     return {rid: route(rid, canary)[0] for rid in (f"canary-{i}" for i in range(n))}
 

@@ -257,7 +257,7 @@ def test_cli_canary_flags_are_validated(monkeypatch, capsys, tmp_path):
 
 def test_split_is_a_pure_function_of_the_request_id():
     from cxrcf.config import CanaryConfig
-    from serving.app import route
+    from serving.canary import route
 
     ids = [f"r{i}" for i in range(400)]
     assert {route(i, CanaryConfig(weight=0.0))[0] for i in ids} == {"champion"}
@@ -277,8 +277,8 @@ def test_every_recorded_metric_is_declared():
     import re
     from pathlib import Path
 
-    from serving import app
+    from serving import app, canary
 
-    used = set(re.findall(r'record\("(\w+)"', Path(app.__file__).read_text()))
+    used = set(re.findall(r'record\("(\w+)"', "".join(Path(m.__file__).read_text() for m in (app, canary))))
     assert {"arm_requests", "online_effectiveness", "shadow_skipped", "batch_timeouts"} <= used
     assert used <= set(app._METRIC_KINDS), used - set(app._METRIC_KINDS)
