@@ -17,6 +17,10 @@ from cxrcf.cli import quiet_env
 pytest_plugins = ["registry_fixtures"]
 
 for _k, _v in {
+    # Test models are tiny: a second intra-op thread only spins against the other processes on a 2-core
+    # box (a smoke evaluation: 0.6 s on 1 thread, 10.6 s on 2 beside one busy core). Inherited by every
+    # CLI and DVC stage a test starts, and by the Ray cluster's workers.
+    "OMP_NUM_THREADS": "1",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_DEDUP_LOGS": "0",
 }.items():
