@@ -258,6 +258,16 @@ def read_eps(generator_dir: str | Path) -> float:
     return float(eps)
 
 
+def with_overrides(cft, slack=None, seed=None):
+    """(CFT config with the run's seed, slack): a study's `--slack` / `--seed` over params.cft's."""
+    if seed is not None:
+        cft = cft.model_copy(update={"optim": cft.optim.model_copy(update={"seed": int(seed)})})
+    slack = cft.slack if slack is None else float(slack)
+    if slack < 0:
+        raise CxrcfError(f"--slack: {slack}: must be >= 0")
+    return cft, slack
+
+
 def train_cft(params, data_root, generator_dir, guidance_dir, scm_dir, out_dir, mode, slack=None, seed=None,
               metrics_file=None, resume=False) -> dict:
     import tempfile
@@ -270,12 +280,7 @@ def train_cft(params, data_root, generator_dir, guidance_dir, scm_dir, out_dir, 
 
     if mode not in MODES:
         raise CxrcfError(f"--mode: {mode!r}: expected hard or soft")
-    cft = params.cft
-    if seed is not None:
-        cft = cft.model_copy(update={"optim": cft.optim.model_copy(update={"seed": int(seed)})})
-    slack = cft.slack if slack is None else float(slack)
-    if slack < 0:
-        raise CxrcfError(f"--slack: {slack}: must be >= 0")
+    cft, slack = with_overrides(params.cft, slack, seed)
     hvae = load_model(generator_dir)
     guidance = load_model(guidance_dir)
     scm = load_model(scm_dir)

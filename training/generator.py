@@ -125,7 +125,10 @@ def training_set_elbo(model, data_root, resolution: int, beta: float, max_images
     x, parents = load_arrays(str(Path(data_root).resolve()), resolution, "train")
     n = min(len(x), max_images)
     device = next(model.parameters()).device
-    with torch.no_grad():
+    # The posterior draws are seeded (and the caller's RNG left as it was), so eps is a function of the
+    # model and the data alone: recomputing it gives the same number, not another Monte Carlo estimate.
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
         out = validate_hvae(model.eval(), x[:n], {k: v[:n] for k, v in parents.items()}, device, beta)
     return {f"train_{k}": v for k, v in out.items()}
 
