@@ -29,8 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(_k, _v)
+from cxrcf.cli import quiet_env
+
+quiet_env()  # as every cxrcf command: Ray token auth on, telemetry off
 
 
 def build_inputs(work: Path, n_images: int, preset: str, seed: int = 0):

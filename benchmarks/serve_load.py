@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-               "DVC_NO_ANALYTICS": "1", "RAY_DEDUP_LOGS": "0"}.items():
-    os.environ.setdefault(_k, _v)
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+from cxrcf.cli import quiet_env
+
+quiet_env()  # as every cxrcf command: Ray token auth on, telemetry off
 
 INTERVENTIONS = [{"sex": "female"}, {"age": 75.0}, {"finding": "pleural_effusion"}, {"race": "black"}]
 PARENTS = {"sex": "male", "race": "white", "age": 52.0, "finding": "no_finding"}

@@ -18,9 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-for _k, _v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-               "RAY_DEDUP_LOGS": "0"}.items():
-    os.environ.setdefault(_k, _v)
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+from cxrcf.cli import quiet_env
+
+quiet_env()  # as every cxrcf command: Ray token auth on, telemetry off
 
 WARMUP_STEPS = 3  # the same exclusion training.loop applies to its own figure
 

@@ -92,6 +92,17 @@ def test_interrupted_phase_ends_its_run_killed_and_an_error_failed(mlflow_uri, t
     assert client.get_run(run_id).info.status == "FAILED"
 
 
+def test_the_fingerprint_names_the_data_read_not_the_working_directory(tmp_path, monkeypatch):
+    from training.resume import fingerprint
+
+    params = preset_params("smoke")
+    monkeypatch.chdir(tmp_path)  # no data.dvc here
+    same = fingerprint(params, "generator", None, "a" * 32 + ".dir")
+    assert same == fingerprint(params, "generator", None, "a" * 32 + ".dir")
+    assert same != fingerprint(params, "generator", None, "b" * 32 + ".dir")  # other data: no resume
+    assert same != fingerprint(params, "cft_hard", None, "a" * 32 + ".dir")
+
+
 STEPS, CHECKPOINT_EVERY = 24, 3
 
 
@@ -137,7 +148,7 @@ def test_killed_driver_resumes_in_the_same_mlflow_run(ray_cluster, mlflow_uri, t
     assert run.info.status == "RUNNING"  # what a SIGKILLed driver leaves behind
 
     # The rerun goes through the same front door in this process (its imports are paid for already),
-    # from the same folder: the run's fingerprint includes the data hash that folder's data.dvc pins.
+    # from the same folder.
     monkeypatch.chdir(tmp_path)
     t0 = time.monotonic()
     assert cxrcf_main(args + ["--resume"]) == 0, capsys.readouterr().err[-3000:]

@@ -52,13 +52,14 @@ def code_hash() -> str:
     return digest.hexdigest()
 
 
-def fingerprint(params, phase: str, extra_params: dict | None) -> str:
+def fingerprint(params, phase: str, extra_params: dict | None, data_hash: str | None = None) -> str:
     """What the run was asked to do: a checkpoint only continues the same request on the same data
-    with the same code."""
+    with the same code. `data_hash`: the content hash of the data the run reads (its lineage); without
+    one, the pin of data.dvc in the working directory stands in for it."""
     from cxrcf.data import dvc_data_hash
 
     request = {"phase": phase, "params": params.model_dump(mode="json"), "extra": extra_params or {},
-               "data": dvc_data_hash(), "code": code_hash()}
+               "data": data_hash or dvc_data_hash(), "code": code_hash()}
     return hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -88,14 +89,14 @@ def open_run(params, phase: str, out: str | Path, resume: bool, extra_params: di
     one it may continue, otherwise a new run, tagged with the lineage of `data_root` and the `parents`
     runs (role -> run id); the record then names this driver."""
     from store import tracking
-    from store.lineage import tracking_dvc_file, training_lineage
+    from store.lineage import HASH_TAG, tracking_dvc_file, training_lineage
     from training.loop import say, unique_name
 
     # before any run exists: data that disagrees with data.dvc is refused with nothing written
     lineage = training_lineage(data_root, tracking_dvc_file(data_root), parents) if data_root is not None else {}
 
     path = record_path(storage_root(params.ray), phase, out)
-    wanted = fingerprint(params, phase, extra_params)
+    wanted = fingerprint(params, phase, extra_params, lineage.get(HASH_TAG))
     prior = read_json(path) if path.is_file() else None
     if prior is not None and not (isinstance(prior, dict) and {"name", "run_id", "fingerprint"} <= prior.keys()):
         raise CxrcfError(f"{path}: not a cxrcf run record (expected name, run_id, fingerprint); delete it to start anew")
