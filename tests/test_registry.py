@@ -493,6 +493,32 @@ def test_three_racing_promoters_and_a_stale_holder_end_in_one_consistent_chain(
 
 
 # -------------------------------------------------------------------------------- list / show
+def test_a_replica_follows_a_promotion_and_restarts_from_its_local_copy_while_the_store_is_down(
+        registered, parts, tmp_path, monkeypatch):
+    """Serving's hot-reload path against this module's store: on PostgreSQL + S3 the replica resolves the
+    alias through the server and downloads the new version's artifacts from S3 through it."""
+    from cxrcf.config import ServeConfig
+    from serving.app import ModelSlot, ModelSource
+
+    name = new_model_from(registered, [evaluation()] * 2)
+    assert registry.promote(parts.params, name=name, version="1").ok
+
+    def replica():
+        return ModelSlot(ModelSource(name=name, alias="champion"), ServeConfig(lkg_dir=str(tmp_path / "lkg")))
+
+    live = replica()
+    assert (live.state.version, live.state.source) == ("1", "registry")
+    assert registry.promote(parts.params, name=name, version="2").ok
+    live.check()  # one poll of the alias, as the replica's watcher does every reload_poll_s
+    assert (live.state.version, live.reloads, live.alias_state().state) == ("2", 1, "current")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket is closed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
+    restarted = replica()
+    assert (restarted.state.version, restarted.state.source) == ("2", "last-known-good")
+
+
 def test_list_and_show(registered, parts, capsys):
     name = registered["name"]
     rows = models.list_versions(name)
