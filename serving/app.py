@@ -81,7 +81,7 @@ from cxrcf.png import (
 from serving import auth
 from serving.canary import Canary, route
 from serving.engine import Item, ItemResult, run_batch
-from serving.policy import lkg_dir, reply_bytes
+from serving.policy import lkg_dir, one_line, reply_bytes
 from serving.schemas import (
     AliasState,
     BatchStats,
@@ -158,10 +158,6 @@ def _gone(err: Exception) -> bool:
     return isinstance(err, CxrcfError) and ("no version has alias" in text or "not registered" in text)
 
 
-def _one_line(err: Exception) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0][:300]
-
-
 # ---------------------------------------------------------------------------- last-known-good copy
 def _lkg_root(cfg: ServeConfig, source: ModelSource) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.name)
@@ -220,7 +216,7 @@ def load_lkg(cfg: ServeConfig, source: ModelSource) -> Loaded:
         target = root / f"v{version}"
         manifest = json.loads((target / "manifest.json").read_text())
     except (OSError, ValueError, KeyError) as err:
-        raise CxrcfError(f"last-known-good copy of {source.uri()} in {root}: unreadable ({_one_line(err)})") from None
+        raise CxrcfError(f"last-known-good copy of {source.uri()} in {root}: unreadable ({one_line(err)})") from None
     if _hashes(target / "bundle") != manifest["files"]:
         raise CxrcfError(f"last-known-good copy {target}: files differ from their SHA-256 manifest; not used")
     bundle = GeneratorBundle.load(target / "bundle")
@@ -265,7 +261,7 @@ class ModelSlot:
             if _gone(err):
                 raise  # a withdrawn model is not started from a stale copy
             self.reachable = False
-            self.last_error = _one_line(err)
+            self.last_error = one_line(err)
             try:
                 self.state = load_lkg(self.config, source)
             except CxrcfError as lkg_err:
@@ -313,11 +309,11 @@ class ModelSlot:
             if _gone(err):
                 if not self.withdrawn:
                     log.warning("cxrcf: %s was removed from the registry; model withdrawn (%s)",
-                                self.source.uri(), _one_line(err))
+                                self.source.uri(), one_line(err))
                 self.withdrawn, self.reachable, self.last_ok = True, True, time.monotonic()
-                self.last_error = _one_line(err)
+                self.last_error = one_line(err)
             else:
-                self.reachable, self.last_error = False, _one_line(err)
+                self.reachable, self.last_error = False, one_line(err)
                 log.warning("cxrcf: alias check failed (%s); still serving version %s", err, self.state.version)
             return
         self.reachable, self.last_ok = True, time.monotonic()
@@ -336,7 +332,7 @@ class ModelSlot:
         except Exception as err:  # noqa: BLE001 -- a broken version must never replace a working one
             count = failed.count + 1 if failed else 1
             delay = min(self.config.reload_backoff_s * 2 ** (count - 1), self.config.reload_backoff_max_s)
-            self.failure = Failure(version, count, time.monotonic() + delay, _one_line(err))
+            self.failure = Failure(version, count, time.monotonic() + delay, one_line(err))
             self.last_error = self.failure.error
             record("reload_failures", 1, {"version": version})
             log.warning("cxrcf: version %s failed to load (%s, failure %d); still serving version %s, "

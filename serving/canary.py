@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from cxrcf.config import CanaryConfig, ServeConfig
 from serving.engine import Item, ItemResult
+from serving.policy import one_line
 from serving.schemas import ArmStats, CanaryInfo, probabilities
 
 if TYPE_CHECKING:
@@ -43,10 +44,6 @@ def route(request_id: str, canary: CanaryConfig) -> tuple[str, bool]:
     if share(request_id, "weight") < canary.weight:
         return "candidate", False
     return "champion", share(request_id, "shadow") < canary.shadow
-
-
-def _one_line(err: Exception) -> str:
-    return (str(err).splitlines() or [type(err).__name__])[0][:300]
 
 
 class CanaryTally:
@@ -133,7 +130,7 @@ class Canary:
             try:
                 slot = self._open_slot(source, cfg)
             except Exception as err:  # noqa: BLE001 -- no candidate is a normal state: all traffic to the champion
-                self.error = _one_line(err)
+                self.error = one_line(err)
                 log.info("cxrcf: canary: no candidate from %s (%s); the champion answers everything",
                          source.uri(), self.error)
                 return
@@ -166,7 +163,7 @@ class Canary:
         except Exception as err:  # noqa: BLE001 -- a failing shadow must never touch the champion's answers
             self.tally.shadow_failed += 1
             self._record("shadow_failures", 1, None)
-            log.warning("cxrcf: canary: a shadow request failed (%s)", _one_line(err))
+            log.warning("cxrcf: canary: a shadow request failed (%s)", one_line(err))
             return
         if ref["arm"] != "candidate":
             return  # the candidate left between routing and batching: the champion's answer says nothing of it

@@ -28,6 +28,11 @@ from pathlib import Path
 from cxrcf.config import ServeConfig
 
 
+def one_line(err: Exception) -> str:
+    """How a registry or load error is reported (logs, /v1/model, /readyz): its first line, bounded."""
+    return (str(err).splitlines() or [type(err).__name__])[0][:300]
+
+
 def lkg_dir(cfg: ServeConfig) -> Path:
     """Where a replica keeps its last-known-good copies (serve.lkg_dir, else $CXRCF_SERVE_CACHE, else ~/.cache)."""
     chosen = cfg.lkg_dir or os.environ.get("CXRCF_SERVE_CACHE") or str(Path.home() / ".cache" / "cxrcf" / "serving")
