@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,18 @@ def torch_threads(n: int = 1):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (the OS picks it; it is closed again on return)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_port_uri() -> str:
+    """An http URI where nothing listens: a tracking server that is down."""
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def run_ok(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 900) -> str:

@@ -9,7 +9,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_bundle
+from helpers import closed_port_uri, tiny_bundle
 
 from cxrcf import cli
 from cxrcf.config import preset_params
@@ -511,10 +510,7 @@ def test_a_replica_follows_a_promotion_and_restarts_from_its_local_copy_while_th
     assert registry.promote(parts.params, name=name, version="2").ok
     live.check()  # one poll of the alias, as the replica's watcher does every reload_poll_s
     assert (live.state.version, live.reloads, live.alias_state().state) == ("2", 1, "current")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        down = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once the socket is closed
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_port_uri())
     restarted = replica()
     assert (restarted.state.version, restarted.state.source) == ("2", "last-known-good")
 
@@ -557,10 +553,8 @@ def test_clear_errors_for_missing_models_aliases_versions(registered):
 def test_unreachable_tracking_server_fails_fast(parts, registry_backend, monkeypatch, capsys):
     import mlflow
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    down = closed_port_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
     start = time.monotonic()
     try:
         assert cli.main(["registry", "list", "--params", parts.params_file]) == 1
@@ -569,4 +563,4 @@ def test_unreachable_tracking_server_fails_fast(parts, registry_backend, monkeyp
         mlflow.set_registry_uri(registry_backend["uri"])
     assert time.monotonic() - start < 10
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and f"127.0.0.1:{port}" in err and "unreachable" in err
+    assert len(err.strip().splitlines()) == 1 and down.removeprefix("http://") in err and "unreachable" in err

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+from helpers import free_port
 from PIL import Image
 
 MODEL = "serve-test-generator"
@@ -27,12 +28,6 @@ GATE_PASSING_EVAL = {"effectiveness": {"sex": {"auc": 0.9}, "race": {"auc": 0.9}
                      "amplification": {"worst": 0.1}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve_url(ray_cluster) -> str:
     """Start Serve on a free localhost port, or reuse the one this cluster already has."""
     from ray import serve
@@ -40,7 +35,7 @@ def serve_url(ray_cluster) -> str:
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()})
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
         client = _get_global_client()
     return f"http://127.0.0.1:{client.http_config.port}"
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import httpx
 import pytest
+from helpers import closed_port_uri
 
 MODEL = "fault-test-generator"
 GATE_PASSING_EVAL = {"effectiveness": {"sex": {"auc": 0.9}, "race": {"auc": 0.9}, "finding": {"auc": 0.9},
@@ -46,13 +46,6 @@ def champion(mlflow_uri, tmp_path_factory):
     return {"good": out["version"], "broken": str(broken)}
 
 
-def _closed_port_uri() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"  # nothing listens once the socket is closed
-
-
 def _slot(tmp_path, **settings):
     from cxrcf.config import ServeConfig
     from serving.app import ModelSlot, ModelSource
@@ -65,7 +58,7 @@ def test_registry_down_keeps_serving_and_restarts_from_last_known_good(champion,
 
     slot = _slot(tmp_path, stale_after_s=0.01)
     assert slot.state.version == champion["good"] and slot.state.source == "registry"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", _closed_port_uri())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", closed_port_uri())
     slot.check()
     state = slot.alias_state()
     assert slot.state.version == champion["good"]  # still serving
