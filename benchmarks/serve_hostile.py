@@ -47,15 +47,22 @@ KEY = "bench-key"
 AUTH = {"X-API-Key": KEY}
 
 
+PHASES = ("hostile", "fuzz", "overload", "faults")
+
+
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu", choices=("smoke", "cpu", "paper"))
     p.add_argument("--fuzz-examples", type=int, default=300, help="schemathesis max examples per operation and port")
     p.add_argument("--overload-s", type=float, default=30.0)
-    p.add_argument("--phases", default="hostile,fuzz,overload,faults",
+    p.add_argument("--phases", default=",".join(PHASES),
                    help="comma-separated subset of hostile,fuzz,overload,faults")
     p.add_argument("--out", default="artifacts/bench/serve_hostile.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = {x.strip() for x in args.phases.split(",")} - set(PHASES)
+    if unknown:
+        p.error(f"--phases: unknown {', '.join(sorted(unknown))} (choose from {', '.join(PHASES)})")
+    return args
 
 
 def _png_b64(img) -> str:
