@@ -117,6 +117,12 @@ class HVAEArch(Strict):
     # sees them): their counterfactual edit is exactly the template's, which suits a parent whose
     # mechanism is additive, such as SynthCXR's sex (breast and shoulder shadows).
     template_only: tuple[Literal["sex", "race", "age", "finding"], ...] = ()
+    # Parents that also enter every decoder block as a learned spatial feature map (zero at start) times the
+    # parent's context value. The ELBO leaves these at ~0 (the latents already explain the image); CFT can
+    # then paint a located edit, such as fluid at the lung bases, in a few hundred steps where the
+    # spatially uniform projection alone had barely moved do(finding) in 1,400 (issue 14, session 8 note:
+    # the edit is then effective but the same blob on every image, so it is off in the presets).
+    parent_maps: tuple[Literal["race", "age", "finding"], ...] = ()
 
 
 class OptimConfig(Strict):
@@ -194,6 +200,10 @@ class CFTConfig(Strict):
     # is closest to, and not above, the true counterfactuals' (SynthCXR) or target_auc (real data).
     select_images: int = Field(1000, ge=16)
     target_auc: dict[Literal["sex", "finding"], float] | None = None
+    # Learning-rate factor for the decoder's generative parent paths (the per-block parent projections and
+    # parent maps): what CFT has to change is mostly there, and at the base rate it moves too little in a
+    # CPU-sized budget. 1 = the reference's single rate.
+    parent_lr_mult: float = Field(1.0, gt=0)
 
 
 class GeneratorCheckConfig(Strict):

@@ -199,6 +199,9 @@ class DecoderBlock(nn.Module):
             self.q_pa = nn.Linear(cd, mid, bias=False)
         self.z_proj = nn.Conv2d(zd, in_w, 1)
         self.z_proj_pa = nn.Linear(cd, in_w, bias=False)
+        # one (in_w, res, res) feature map per column of the mapped parents, scaled by the column's value
+        n_map = len(template_columns(arch.parent_maps))
+        self.pa_map = nn.Parameter(torch.zeros(n_map, in_w, res, res)) if n_map else None
         # the prior chain's next input; the last block has no successor
         self.z_feat_proj = None if last else nn.Conv2d(zd + in_w, out_w, 1)
         self.conv = Block(in_w, mid, out_w, k)
@@ -246,6 +249,7 @@ class Decoder(nn.Module):
             str(r): nn.Conv2d(width_at[r], len(ix) * blocks[ix[0]].q_h.out_channels, 1, bias=False)
             for r, ix in self.stoch_at.items()})
         self.n_stochastic = sum(len(ix) for ix in self.stoch_at.values())
+        self.map_cols = template_columns(arch.parent_maps)
         mask = None
         if arch.template_only:
             mask = torch.ones(arch.context_dim)
@@ -281,6 +285,9 @@ class Decoder(nn.Module):
                 z_state = b + F.interpolate(z_state, scale_factor=res // z_state.shape[-1])
             zd, w = blk.z_dim, blk.in_w
             pa_feat = blk.z_proj_pa(ctx_gen)[:, :, None, None]
+            if blk.pa_map is not None:
+                pa_feat = pa_feat + torch.einsum("nd,dchw->nchw", ctx_gen[:, self.map_cols],
+                                                 blk.pa_map).contiguous(memory_format=_CL)
             a_prior = blk.prior.body(z_state)
             w_out, b_out = _matrix(blk.prior.c4), blk.prior.c4.bias
             w_feat, b_feat = w_out[2 * zd:], b_out[2 * zd:]
@@ -356,6 +363,9 @@ class HVAE(nn.Module):
         if not set(arch.template_only) <= set(arch.parent_template):
             raise CxrcfError(f"generator.arch.template_only: {list(arch.template_only)} must be among "
                              f"parent_template {list(arch.parent_template)}")
+        if set(arch.parent_maps) & set(arch.template_only):
+            raise CxrcfError(f"generator.arch.parent_maps: {sorted(set(arch.parent_maps) & set(arch.template_only))} "
+                             "act through the template alone (template_only), so a map of them would stay unused")
         template = None
         if arch.parent_template:
             template = torch.zeros(arch.context_dim, arch.input_channels, arch.resolution, arch.resolution)
@@ -414,6 +424,13 @@ class HVAE(nn.Module):
             charged = sum(b.mean(0).clamp_min(free_bits).sum() for b in kl_blocks) / pixels
         out = {"loss": nll + beta * charged, "nll": nll, "kl": kl, "nelbo": nll + kl}
         return out, zs, (loc, logscale)
+
+    def parent_path_parameters(self) -> list[nn.Parameter]:
+        """The decoder's generative parent paths: each block's parent projection and parent maps."""
+        out = []
+        for b in self.decoder.blocks:
+            out += [b.z_proj_pa.weight] + ([b.pa_map] if b.pa_map is not None else [])
+        return out
 
     @torch.no_grad()
     def kl_per_block(self, x: torch.Tensor, ctx: torch.Tensor) -> list[dict]:

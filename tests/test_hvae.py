@@ -310,3 +310,30 @@ def test_the_fitted_template_recovers_an_additive_parent_effect():
     assert t[[0, 1, 2, 3, 5]].abs().max() == 0  # parents outside the template stay zero
     model = HVAE(_arch("smoke").model_copy(update={"parent_template": ("sex",), "zero_parent_init": True}))
     assert all(float(b.z_proj_pa.weight.abs().max()) == 0 for b in model.decoder.blocks)
+
+
+def test_parent_maps_start_at_zero_and_give_the_parent_a_located_edit():
+    base = _arch("smoke")
+    plain = HVAE(base)
+    mapped = HVAE(base.model_copy(update={"parent_maps": ("finding",)}))
+    assert mapped.load_state_dict(plain.state_dict(), strict=False).missing_keys == [
+        f"decoder.blocks.{i}.pa_map" for i in range(len(mapped.decoder.blocks))]
+    x, ctx = _images(4, 32), _ctx(4)
+    flipped = ctx.clone()
+    flipped[:, 5] = 1 - flipped[:, 5]
+    zs = plain.abduct(x, ctx, generator=torch.Generator().manual_seed(0))
+    for c in (ctx, flipped):  # zero maps: the same decoder as without them
+        torch.testing.assert_close(mapped.decode(zs, c), plain.decode(zs, c), rtol=0, atol=1e-6)
+    # a map at the lower right of the last block moves the mean there, and only for finding = 1
+    last = mapped.decoder.blocks[-1]
+    with torch.no_grad():
+        last.pa_map[0, :, -6:, -6:] = 1.0
+    moved = (mapped.decode(zs, ctx)[0] - plain.decode(zs, ctx)[0]).abs()
+    assert moved[ctx[:, 5] == 0].max() == 0
+    corner, rest = moved[ctx[:, 5] == 1][..., -8:, -8:], moved[ctx[:, 5] == 1][..., :16, :16]
+    assert corner.mean() > 10 * rest.mean()
+    params = mapped.parent_path_parameters()
+    assert len(params) == 2 * len(mapped.decoder.blocks) and any(p is last.pa_map for p in params)
+    with pytest.raises(CxrcfError, match="parent_maps"):
+        HVAE(base.model_copy(update={"template_only": ("finding",), "parent_template": ("finding",),
+                                     "parent_maps": ("finding",)}))
