@@ -137,3 +137,36 @@ def test_lagrangian_gradients():
     # dL/dlam = F - eps > 0 here: ascent raises lam
     lam = LagrangeMultiplier(lr=1.0, init=3.0)
     assert lam.step(2.5, 2.0) > 3.0
+
+
+def test_cft_gives_the_parent_paths_their_learning_rate_factor_through_the_loop():
+    from cxrcf.config import HVAEArch, OptimConfig, PredictorArch, SCMConfig, preset_params
+    from cxrcf.hvae import HVAE
+    from cxrcf.predictor import Predictor
+    from cxrcf.scm import AttributeSCM
+    from training.cft import CFTObjective
+    from training.loop import make_optimizer, set_lr
+
+    params = preset_params("smoke")
+    arch: HVAEArch = params.generator.arch.model_copy(update={"parent_maps": ("finding",)})
+    pred_arch = PredictorArch(kind="cnn", resolution=arch.resolution, width=8)
+    parts = dict(mode="hard", hvae_arch=arch, hvae_state=HVAE(arch).state_dict(), pred_arch=pred_arch,
+                 pred_state=Predictor(pred_arch).state_dict(), scm_cfg=SCMConfig(),
+                 scm_state=AttributeSCM(SCMConfig()).state_dict(), beta=1.0, eps=1.0)
+    optim = OptimConfig(steps=10, batch_size=4, lr=1e-3)
+    plain = CFTObjective(**parts, cft_cfg=params.cft)
+    trainable = [p for p in plain.model.parameters() if p.requires_grad]
+    opt = make_optimizer(plain, trainable, optim)
+    assert len(opt.param_groups) == 1 and [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in trainable]
+    fast = CFTObjective(**parts, cft_cfg=params.cft.model_copy(update={"parent_lr_mult": 10.0}))
+    trainable = [p for p in fast.model.parameters() if p.requires_grad]
+    opt = make_optimizer(fast, trainable, optim)
+    rest, paths = opt.param_groups
+    assert {id(p) for p in paths["params"]} == {id(p) for p in fast.model.parent_path_parameters()}
+    assert {id(p) for p in rest["params"] + paths["params"]} == {id(p) for p in trainable}
+    assert (rest["lr"], paths["lr"]) == (1e-3, pytest.approx(1e-2))
+    set_lr(opt, 5e-4)  # the warm-up's rate each step keeps the factor
+    assert (rest["lr"], paths["lr"]) == (5e-4, pytest.approx(5e-3))
+    # the predictor and the SCM stay out of every group
+    frozen = {id(p) for p in list(fast.predictor.parameters()) + list(fast.scm.parameters())}
+    assert not frozen & {id(p) for g in opt.param_groups for p in g["params"]}

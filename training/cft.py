@@ -117,6 +117,7 @@ class CFTObjective(nn.Module):
         from cxrcf.scm import AttributeSCM
 
         self.mode, self.beta, self.eps = mode, beta, eps
+        self.parent_lr_mult = cft_cfg.parent_lr_mult
         self.damping, self.t_u = cft_cfg.damping, cft_cfg.t_u
         # the reference gives the multiplier's Adam the generator's betas
         self.lam = LagrangeMultiplier(cft_cfg.lambda_lr, cft_cfg.optim.betas, cft_cfg.lambda_init)
@@ -160,6 +161,15 @@ class CFTObjective(nn.Module):
         out.update({f"aux_{a}": v.detach() for a, v in parts.items()})
         out.update({f"k_{a}": torch.tensor(float(a == k), device=x.device) for a in CFT_PARENTS})
         return out
+
+    def param_groups(self) -> list[dict]:
+        """The generator's trainable parameters, its generative parent paths at cft.parent_lr_mult x the rate."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.parent_lr_mult == 1.0:
+            return [{"params": trainable}]
+        ids = {id(p) for p in self.model.parent_path_parameters()}
+        return [{"params": [p for p in trainable if id(p) not in ids]},
+                {"params": [p for p in trainable if id(p) in ids], "lr_mult": self.parent_lr_mult}]
 
     def after_step(self, metrics: dict[str, float]) -> None:
         # metrics["F"] is already averaged over workers, so every rank holds the same lam.

@@ -207,6 +207,21 @@ def load_tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
+def make_optimizer(objective, params: list, optim):
+    """AdamW over `params`, or over the objective's `param_groups()`, where a group's `lr_mult` scales
+    the rate it gets (kept in the group, so it survives a checkpoint)."""
+    import torch
+
+    groups = objective.param_groups() if hasattr(objective, "param_groups") else [{"params": params}]
+    return torch.optim.AdamW([{**g, "lr": optim.lr * g.get("lr_mult", 1.0)} for g in groups], lr=optim.lr,
+                             betas=optim.betas, weight_decay=optim.weight_decay)
+
+
+def set_lr(opt, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
 def optimizer_to_files(opt, directory: Path) -> dict:
     """Tensors to optimizer.safetensors; returns the JSON-able param_groups."""
     sd = opt.state_dict()
@@ -468,7 +483,7 @@ def _build(task: Task, device, resume: dict | None, ckpt_dir: Path | None):
     wrapped = ray.train.torch.prepare_model(
         objective, parallel_strategy_kwargs={"find_unused_parameters": task.find_unused_parameters})
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    opt = make_optimizer(objective, params, optim)
     if resume:
         optimizer_from_files(opt, ckpt_dir, resume["optimizer"])
     return objective, model, ema, wrapped, params, opt
@@ -571,8 +586,7 @@ def _run_task(cfg: LoopConfig, index: int, task: Task, w: _Worker, resume: dict 
         idx = shard[batcher.next()]
         x = x_train[idx].to(device, non_blocking=True)
         parents = {k: v[idx].to(device, non_blocking=True) for k, v in p_train.items()}
-        for group in opt.param_groups:
-            group["lr"] = warmup_lr(optim, step)
+        set_lr(opt, warmup_lr(optim, step))
         rng = step_rng(optim.seed, step, rank, device)
         if hasattr(objective, "before_step"):
             objective.before_step(step)  # schedules (e.g. the KL weight) follow the step, also on resume
