@@ -197,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.multinode and "RAY_TMPDIR" not in os.environ:
         # Cluster writes <temp>/ray/ray_current_cluster, which a plain ray.init() elsewhere would join
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="cxbench-", dir="/tmp")
+        import atexit
+        import shutil
+
+        atexit.register(shutil.rmtree, os.environ["RAY_TMPDIR"], ignore_errors=True)
 
     import ray
 
