@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -452,6 +453,8 @@ class _Progress:
     best_step: int | None = None
     best_state: dict | None = None
     val: dict = field(default_factory=dict)
+    checkpoints: int = 0  # written by this attempt (not resumed), and the seconds they took with the upload
+    checkpoint_s: float = 0.0
 
     @classmethod
     def resumed(cls, resume: dict | None, ckpt_dir: Path | None) -> _Progress:
@@ -509,6 +512,7 @@ def _task_metrics(task: Task, last: dict, progress: _Progress, train_time: float
         metrics["best_step"] = float(progress.best_step)
     metrics.update({"steps": float(optim.steps), "skipped_updates": float(progress.skipped),
                     "resumed_step": float(progress.start),
+                    "checkpoints": float(progress.checkpoints), "checkpoint_s": progress.checkpoint_s,
                     "images_per_s": timed_images / train_time if train_time > 0 else float("nan"),
                     "wall_s": time.perf_counter() - t_task})
     return metrics
@@ -562,6 +566,7 @@ def _run_task(cfg: LoopConfig, index: int, task: Task, w: _Worker, resume: dict 
             guard.after_validation(step, task.select, _from_rank0(value, world))
 
     def checkpoint(step_done: int) -> None:
+        t_ckpt = time.perf_counter()
         directory = Path(tempfile.mkdtemp(prefix="cxrcf-ckpt-"))
         if rank == 0:
             save_tensors(cpu_state(model), directory / "model.safetensors")
@@ -580,6 +585,9 @@ def _run_task(cfg: LoopConfig, index: int, task: Task, w: _Worker, resume: dict 
         ray.train.report({"task": index, "step": step_done, **{f"{prefix}{k}": v for k, v in last.items()}},
                          checkpoint=ray.train.Checkpoint.from_directory(str(directory)) if rank == 0 else None)
         shutil.rmtree(directory, ignore_errors=True)
+        # report() returns once the checkpoint is in storage (local folder or S3): the time includes the upload
+        progress.checkpoints += 1
+        progress.checkpoint_s += time.perf_counter() - t_ckpt
 
     def train_step() -> dict[str, float]:
         """One optimiser step on this worker's next batch; the metrics averaged over workers."""
@@ -679,6 +687,82 @@ def _check_resources(ray_cfg: RayConfig) -> None:
                          f"has {have.get('GPU', 0):g} GPUs")
 
 
+# S3 bucket names: 3-63 characters, lowercase letters, digits, dots and hyphens, a letter or digit at each end
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where Ray Train keeps a fit's checkpoints. `path` is what RunConfig's storage_path gets: an
+    absolute local (or NFS) folder, or `bucket/prefix` with `filesystem` an S3 filesystem (Ray's documented
+    way for an S3-compatible endpoint: the scheme is stripped when storage_filesystem is given)."""
+
+    uri: str  # as a person reads it: /abs/folder or s3://bucket/prefix
+    path: str
+    filesystem: Any = None
+
+    @property
+    def remote(self) -> bool:
+        return self.filesystem is not None
+
+
+def s3_endpoint() -> str | None:
+    """The S3-compatible endpoint from the standard AWS variables (the S3-specific one first)."""
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        value = os.environ.get(key, "").strip()
+        if value:
+            if not value.startswith(("http://", "https://")):
+                from cxrcf.errors import CxrcfError
+
+                raise CxrcfError(f"{key}={value!r}: an S3 endpoint URL starts with http:// or https://")
+            return value
+    return None
+
+
+def resolve_storage(ray_cfg: RayConfig, check: bool = True) -> Storage:
+    """`ray.storage_path` as Ray Train takes it: a local folder made absolute (and created), or
+    `s3://bucket/prefix` on AWS S3 or on the endpoint of AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (credentials
+    and region from the usual AWS variables, read on every node, so no secret travels in the run's config).
+    `check`: make sure the bucket answers now, rather than in a worker's traceback mid-run."""
+    from cxrcf.errors import CxrcfError
+
+    raw = ray_cfg.storage_path.strip()
+    if not raw:
+        raise CxrcfError("ray.storage_path: empty; give a local/NFS folder or s3://bucket/prefix")
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        folder = Path(raw).expanduser().resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        return Storage(uri=str(folder), path=str(folder))
+    if scheme.lower() != "s3":
+        raise CxrcfError(f"ray.storage_path: {raw!r}: {scheme}:// is not supported; use s3://bucket/prefix "
+                         "(AWS S3 or an S3-compatible store) or a folder every node mounts (NFS)")
+    bucket, _, prefix = rest.strip("/").partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise CxrcfError(f"ray.storage_path: {raw!r}: {bucket!r} is not an S3 bucket name "
+                         "(3-63 lowercase letters, digits, dots or hyphens)")
+    from pyarrow import fs
+
+    endpoint = s3_endpoint()
+    options: dict[str, Any] = {"connect_timeout": 10, "request_timeout": 60}
+    if endpoint:
+        options["endpoint_override"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        options["region"] = region
+    filesystem = fs.S3FileSystem(**options)
+    path = f"{bucket}/{prefix.strip('/')}".rstrip("/")
+    where = f"s3://{path}" + (f" at {endpoint}" if endpoint else "")
+    if check:
+        try:
+            info = filesystem.get_file_info(bucket)
+        except OSError as err:
+            raise CxrcfError(f"ray.storage_path: {where}: not reachable ({str(err).splitlines()[0]})") from None
+        if info.type == fs.FileType.NotFound:
+            raise CxrcfError(f"ray.storage_path: {where}: bucket {bucket!r} does not exist; create it first")
+    return Storage(uri=f"s3://{path}", path=path, filesystem=filesystem)
+
+
 def unique_name(phase: str) -> str:
     import uuid
 
@@ -694,15 +778,14 @@ def fit(cfg: LoopConfig, ray_cfg: RayConfig, phase: str, run_name: str | None = 
 
     ensure_ray()
     _check_resources(ray_cfg)
-    storage = str(Path(ray_cfg.storage_path).expanduser().resolve())
-    Path(storage).mkdir(parents=True, exist_ok=True)
+    storage = resolve_storage(ray_cfg)
     name = run_name or unique_name(phase)
     trainer = TorchTrainer(
         train_loop_per_worker=worker_main,
         train_loop_config={"loop": cfg},
         scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage,
+        run_config=RunConfig(name=name, storage_path=storage.path, storage_filesystem=storage.filesystem,
                              failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
@@ -725,4 +808,4 @@ def fit(cfg: LoopConfig, ray_cfg: RayConfig, phase: str, run_name: str | None = 
             where = f"step {fault['step']}" if fault["task"] == phase else f"{fault['task']} step {fault['step']}"
             raise CxrcfError(f"train {phase}: {where}: {fault['cause']}; nothing exported")
         weights = {t: load_tensors(Path(d) / "final" / f"{t}.safetensors") for t in state["finished"]}
-    return FitResult(weights=weights, metrics=state["finished"], run_name=name, storage_path=storage)
+    return FitResult(weights=weights, metrics=state["finished"], run_name=name, storage_path=storage.uri)

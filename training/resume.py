@@ -1,7 +1,11 @@
 """Runs that survive their driver.
 
-Each phase's run is recorded beside the Ray Train checkpoints, in
-`<ray.storage_path>/cxrcf-runs/<phase>-<hash of the output folder>.json`: the Ray Train run name, the
+Each phase's run is recorded beside the Ray Train checkpoints when they are on a local or NFS folder, in
+`<ray.storage_path>/cxrcf-runs/<phase>-<hash of the output folder>.json`, and beside the output folder,
+in `<parent of the output>/cxrcf-runs/`, when they are on S3 (`s3://...`): the record is the driver's
+(its host, pid and start time can only be checked on the driver's machine, and the output folder it
+exports to is the driver's too), it must be replaced atomically (S3 has no rename), and what other nodes
+need of the run, its checkpoints and its MLflow run, is already shared. It holds the Ray Train run name, the
 MLflow run id, a fingerprint of what the run was asked to do, and the driver's host, pid and process
 start time. With it:
 - `--resume` continues an interrupted run (RUNNING with a dead driver, FAILED or KILLED) under the same
@@ -29,8 +33,18 @@ RESUMABLE = ("RUNNING", "FAILED", "KILLED")
 
 
 def storage_root(ray_cfg) -> Path:
-    """Ray Train's storage folder, absolute (Ray Train requires it)."""
+    """Ray Train's storage folder, absolute (Ray Train requires it); local or NFS storage only."""
+    if "://" in ray_cfg.storage_path:
+        raise CxrcfError(f"ray.storage_path: {ray_cfg.storage_path!r} is not a local folder")
     return Path(ray_cfg.storage_path).expanduser().resolve()
+
+
+def record_root(ray_cfg, out: str | Path) -> Path:
+    """The folder whose `cxrcf-runs/` holds the run records: the storage folder when it is local or NFS,
+    otherwise (s3://) the output folder's parent (see the module docstring for why)."""
+    if "://" in ray_cfg.storage_path:
+        return Path(out).expanduser().resolve().parent
+    return storage_root(ray_cfg)
 
 
 def record_path(storage: Path, phase: str, out: str | Path) -> Path:
@@ -90,12 +104,13 @@ def open_run(params, phase: str, out: str | Path, resume: bool, extra_params: di
     runs (role -> run id); the record then names this driver."""
     from store import tracking
     from store.lineage import HASH_TAG, tracking_dvc_file, training_lineage
-    from training.loop import say, unique_name
+    from training.loop import resolve_storage, say, unique_name
 
     # before any run exists: data that disagrees with data.dvc is refused with nothing written
     lineage = training_lineage(data_root, tracking_dvc_file(data_root), parents) if data_root is not None else {}
 
-    path = record_path(storage_root(params.ray), phase, out)
+    resolve_storage(params.ray)  # a bad or unreachable ray.storage_path stops here, before any run exists
+    path = record_path(record_root(params.ray, out), phase, out)
     wanted = fingerprint(params, phase, extra_params, lineage.get(HASH_TAG))
     prior = read_json(path) if path.is_file() else None
     if prior is not None and not (isinstance(prior, dict) and {"name", "run_id", "fingerprint"} <= prior.keys()):
