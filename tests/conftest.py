@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +25,10 @@ for _k, _v in {
     "OMP_NUM_THREADS": "1",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
     "RAY_DEDUP_LOGS": "0",
+    # Ray Train's preemption watcher (one more actor process per worker-group start, polling the GCS for
+    # node drains) has nothing to watch on a one-node test cluster; an A/B of the smoke predictors stage
+    # beside a busy job: 81-91 s with it, 57-62 s without. No test exercises preemption.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }.items():
     os.environ.setdefault(_k, _v)
 quiet_env()  # as every cxrcf command: Ray's token auth on, telemetry off (before anything imports ray)
@@ -54,14 +60,25 @@ def mlflow_uri(tmp_path_factory):
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["CXRCF_MLFLOW_ARTIFACTS"] = str(root / "artifacts")
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(uri)
+    MlflowClient(uri).search_experiments()  # creates the store now (every migration) ...
+    shutil.copy(root / "mlflow.db", root / "empty.db")  # ... and keeps it as new, for `empty_mlflow_db`
     yield uri
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(mlflow_uri) -> Path:
+    """The session store's SQLite file as MLflow created it, before any test wrote to it. Creating a store
+    applies every MLflow migration (38 s beside a busy job, most of the e2e's first training stage);
+    copying this file gives a test a new, empty store instead."""
+    return Path(mlflow_uri.removeprefix("sqlite:///")).with_name("empty.db")
 
 
 @pytest.fixture(scope="session")

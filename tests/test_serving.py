@@ -111,8 +111,13 @@ def server(ray_cluster, registered, tiny_data, tmp_path_factory):
     deploy()
     wait_ready(url)
     with httpx.Client(base_url=url, timeout=60.0) as http:
-        yield {"url": url, "http": http, "deploy": deploy, "data": tiny_data, "lkg": lkg}
+        state = {"url": url, "http": http, "deploy": deploy, "data": tiny_data, "lkg": lkg}
+        yield state
     serve.delete(APP_NAME)
+    if "reconfigured" in state:
+        from pipelines.registry import connect
+
+        connect().set_registered_model_alias(MODEL, "candidate", state["reconfigured"]["candidate_before"])
 
 
 def _post(server, body, **kw) -> httpx.Response:
@@ -464,36 +469,6 @@ def _wait_for(check, what: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def test_keys_and_batch_size_reconfigure(server):
-    """A new user_config switches auth on and batching off, and back."""
-    http = server["http"]
-    body = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}]}
-    server["deploy"](keys=["s3cret", "other"], max_batch_size=1)
-    try:
-        _wait_for(lambda: http.get("/v1/model").status_code == 401, "auth never switched on")
-        refused = _post(server, body)
-        assert refused.status_code == 401 and refused.json()["errors"][0]["field"] == "X-API-Key"
-        assert _post(server, body, headers={"X-API-Key": "wrong"}).status_code == 401
-        assert _post(server, body, headers={"X-API-Key": "s3cret"}).status_code == 200
-        assert _post(server, body, headers={"Authorization": "Bearer other"}).status_code == 200
-        # strangers are refused before their body is looked at, malformed or not
-        assert _post(server, {"nonsense": 1}).status_code == 401
-        junk = http.post("/v1/counterfactuals", content=b"{not json", headers={"content-type": "application/json"})
-        assert junk.status_code == 401 and junk.json()["errors"][0]["field"] == "X-API-Key"
-        assert http.get("/readyz").status_code == 200
-        assert http.get("/healthz").status_code == 200
-        keyed = {"X-API-Key": "s3cret"}
-        _wait_for(lambda: http.get("/v1/model", headers=keyed).json()["stats"]["max_batch_size"] == 1,
-                  "max_batch_size never reconfigured")
-        with ThreadPoolExecutor(8) as pool:
-            replies = list(pool.map(lambda _: _post(server, body, headers=keyed), range(8)))
-        assert [r.json()["model"]["batch_size"] for r in replies] == [1] * 8
-    finally:
-        server["deploy"]()
-    _wait_for(lambda: http.get("/v1/model").status_code == 200, "auth never switched off")
-    _wait_for(lambda: http.get("/v1/model").json()["stats"]["max_batch_size"] == 8, "batching never restored")
-
-
 def test_cli_refuses_public_host_without_keys_and_unknown_alias(mlflow_uri, monkeypatch, capsys, tmp_path):
     from cxrcf.cli import main
 
@@ -578,7 +553,8 @@ def test_hot_reload_after_promotion_drops_nothing(server, registered):
 
 # ---------------------------------------------- run-time settings: limits, t_u, canary, deadlines
 # One redeploy (it rolls the replica, 10-15 s here) carries every changed setting the tests below
-# need, and stays in place: they come after every test that needs the module's defaults.
+# need, and stays in place: they come after every test that needs the module's defaults. The keys
+# test's way back from its keyed deployment is that redeploy (a roll saved).
 CANARY = {"weight": 0.5, "shadow": 1.0, "max_shadow_pending": 64}
 SLOW_SEED, SLOW_S, BATCH_DEADLINE_S = 424242, 3.0, 2.0
 
@@ -598,29 +574,36 @@ def _slow_runner(slow_seed: int, delay_s: float):
     return run
 
 
-@pytest.fixture(scope="module")
-def reconfigured(server, registered):
+def _reconfigure(server, registered) -> dict:
     """The app redeployed once with lower limits, serve.t_u 0.5, a canary whose candidate alias points
     to the version that is not champion (half the requests answered by it, the rest mirrored), a 2 s
-    batch deadline that 2 misses in a row turn into a failed health check, and the slow runner."""
+    batch deadline that 2 misses in a row turn into a failed health check, and the slow runner. Done once
+    per module: by the keys test on its way back, or else by the `reconfigured` fixture."""
     from pipelines.registry import connect
     from store.models import resolve_alias
 
-    client = connect()
+    if "reconfigured" in server:
+        return server["reconfigured"]
     champion = resolve_alias(MODEL, "champion")
     candidate = next(v for v in registered["versions"] if v != champion)
-    before = resolve_alias(MODEL, "candidate")
-    client.set_registered_model_alias(MODEL, "candidate", candidate)
-    try:
-        server["deploy"](max_interventions=2, max_image_id_chars=16, t_u=0.5, canary=CANARY,
-                         runner=_slow_runner(SLOW_SEED, SLOW_S), batch_timeout_s=BATCH_DEADLINE_S,
-                         unhealthy_after_batch_timeouts=2, health_check_period_s=0.5, request_timeout_s=20.0)
-        # the roll is over when the new replica (the only one with a canary) answers with its candidate
-        _wait_for(lambda: (_model_info(server).get("canary") or {}).get("candidate_version") == candidate,
-                  "the canary deployment never answered with its candidate loaded", timeout_s=90)
-        yield {"champion": champion, "candidate": candidate}
-    finally:
-        client.set_registered_model_alias(MODEL, "candidate", before)
+    # the `server` fixture puts the candidate alias back when the module ends
+    server["reconfigured"] = {"champion": champion, "candidate": candidate,
+                              "candidate_before": resolve_alias(MODEL, "candidate")}
+    connect().set_registered_model_alias(MODEL, "candidate", candidate)
+    server["deploy"](max_interventions=2, max_image_id_chars=16, t_u=0.5, canary=CANARY,
+                     runner=_slow_runner(SLOW_SEED, SLOW_S), batch_timeout_s=BATCH_DEADLINE_S,
+                     unhealthy_after_batch_timeouts=2, health_check_period_s=0.5, request_timeout_s=20.0)
+    # the roll is over when the new replica (the only one with a canary) answers with its candidate
+    _wait_for(lambda: (_model_info(server).get("canary") or {}).get("candidate_version") == candidate,
+              "the canary deployment never answered with its candidate loaded", timeout_s=90)
+    return server["reconfigured"]
+
+
+@pytest.fixture(scope="module")
+def reconfigured(server, registered):
+    """The run-time settings of `_reconfigure` in force (deployed by the keys test if it ran first)."""
+    state = _reconfigure(server, registered)
+    return {"champion": state["champion"], "candidate": state["candidate"]}
 
 
 def _model_info(server) -> dict:
@@ -629,6 +612,37 @@ def _model_info(server) -> dict:
     except httpx.HTTPError:
         return {}
     return r.json() if r.status_code == 200 else {}
+
+
+def test_keys_and_batch_size_reconfigure(server, registered):
+    """A new user_config switches auth on and batching off, and back: "back" is the redeploy of the
+    run-time settings section below (no keys, batching at 8), so this roll serves both."""
+    http = server["http"]
+    body = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}]}
+    server["deploy"](keys=["s3cret", "other"], max_batch_size=1)
+    try:
+        _wait_for(lambda: http.get("/v1/model").status_code == 401, "auth never switched on")
+        refused = _post(server, body)
+        assert refused.status_code == 401 and refused.json()["errors"][0]["field"] == "X-API-Key"
+        assert _post(server, body, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert _post(server, body, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert _post(server, body, headers={"Authorization": "Bearer other"}).status_code == 200
+        # strangers are refused before their body is looked at, malformed or not
+        assert _post(server, {"nonsense": 1}).status_code == 401
+        junk = http.post("/v1/counterfactuals", content=b"{not json", headers={"content-type": "application/json"})
+        assert junk.status_code == 401 and junk.json()["errors"][0]["field"] == "X-API-Key"
+        assert http.get("/readyz").status_code == 200
+        assert http.get("/healthz").status_code == 200
+        keyed = {"X-API-Key": "s3cret"}
+        _wait_for(lambda: http.get("/v1/model", headers=keyed).json()["stats"]["max_batch_size"] == 1,
+                  "max_batch_size never reconfigured")
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda _: _post(server, body, headers=keyed), range(8)))
+        assert [r.json()["model"]["batch_size"] for r in replies] == [1] * 8
+    finally:
+        _reconfigure(server, registered)
+    _wait_for(lambda: http.get("/v1/model").status_code == 200, "auth never switched off")
+    _wait_for(lambda: http.get("/v1/model").json()["stats"]["max_batch_size"] == 8, "batching never restored")
 
 
 def test_changed_limits_and_t_u_take_effect(server, reconfigured):
