@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -70,7 +69,7 @@ def moto_s3(root: Path, bucket: str) -> Iterator[str]:
     """moto's S3 server on a free loopback port with `bucket` created; yields its endpoint URL."""
     import boto3
     import httpx
-    from helpers import free_port
+    from helpers import free_port, stop_group
 
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -95,13 +94,7 @@ def moto_s3(root: Path, bucket: str) -> Iterator[str]:
                      aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def s3_objects(endpoint: str, bucket: str, prefix: str) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,21 +21,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import free_port
+from helpers import free_port, stop_group
 
 BIN = Path(sys.executable).parent
 S3_ENV = {"AWS_ACCESS_KEY_ID": "cxrcf-test", "AWS_SECRET_ACCESS_KEY": "cxrcf-test", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "cxrcf-mlflow"
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout_s: float = 240) -> None:
@@ -105,7 +94,7 @@ def pg_s3_mlflow(root: Path) -> Iterator[dict]:
                "timings": timings, "pg": pg}
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_group(proc)
         pg.cleanup()
 
 

@@ -150,9 +150,9 @@ def test_cft_gives_the_parent_paths_their_learning_rate_factor_through_the_loop(
     params = preset_params("smoke")
     arch: HVAEArch = params.generator.arch.model_copy(update={"parent_maps": ("finding",)})
     pred_arch = PredictorArch(kind="cnn", resolution=arch.resolution, width=8)
-    parts = dict(mode="hard", hvae_arch=arch, hvae_state=HVAE(arch).state_dict(), pred_arch=pred_arch,
-                 pred_state=Predictor(pred_arch).state_dict(), scm_cfg=SCMConfig(),
-                 scm_state=AttributeSCM(SCMConfig()).state_dict(), beta=1.0, eps=1.0)
+    parts = {"mode": "hard", "hvae_arch": arch, "hvae_state": HVAE(arch).state_dict(), "pred_arch": pred_arch,
+             "pred_state": Predictor(pred_arch).state_dict(), "scm_cfg": SCMConfig(),
+             "scm_state": AttributeSCM(SCMConfig()).state_dict(), "beta": 1.0, "eps": 1.0}
     optim = OptimConfig(steps=10, batch_size=4, lr=1e-3)
     plain = CFTObjective(**parts, cft_cfg=params.cft)
     trainable = [p for p in plain.model.parameters() if p.requires_grad]
