@@ -54,6 +54,9 @@ def _args(argv=None):
     p.add_argument("--parallel-min-batch", type=int, default=None, help="default params.serve's")
     p.add_argument("--via", choices=("direct", "proxy"), default="direct",
                    help="send requests to the replica's direct-ingress port or through the Serve proxy")
+    p.add_argument("--max-ongoing-requests", type=int, default=None,
+                   help="per replica (default: the larger of params.serve's, 2 x max batch and the top concurrency)")
+    p.add_argument("--max-queued-requests", type=int, default=None, help="default params.serve's")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (bf16 autocast)")
     p.add_argument("--out", default="artifacts/bench/serve_load.json")
     return p.parse_args(argv)
@@ -128,6 +131,7 @@ async def _level(url: str, bodies: list[bytes], concurrency: int, total: int) ->
     return {"concurrency": concurrency, "requests": total, "errors": len(errors), "first_errors": errors[:3],
             "statuses": statuses,
             "wall_s": round(wall, 3), "throughput_rps": round(total / wall, 2),
+            "goodput_rps": round(statuses.get("200", 0) / wall, 2),
             "latency_ms": {q: round(float(np.percentile(lat, p)), 1) for q, p in
                            (("p50", 50), ("p95", 95), ("p99", 99))} | {"mean": round(float(lat.mean()), 1)},
             "mean_batch_size": round(float(np.mean(sizes)), 2) if sizes else 0.0}
@@ -176,6 +180,9 @@ def main(argv=None) -> int:
     base.update(num_gpus=args.num_gpus, max_batch_size=args.max_batch_size, direct_ingress=args.via == "direct",
                 max_ongoing_requests=max(base["max_ongoing_requests"], 2 * args.max_batch_size, max(args.concurrency)),
                 reload_poll_s=3600.0, lkg_dir=str(tmp / "lkg"))
+    for key in ("max_ongoing_requests", "max_queued_requests"):
+        if getattr(args, key) is not None:
+            base[key] = getattr(args, key)
     if args.batch_wait_timeout_s is not None:
         base["batch_wait_timeout_s"] = args.batch_wait_timeout_s
     port = _free_port()
@@ -230,7 +237,9 @@ def main(argv=None) -> int:
                     "device": device, "num_gpus_per_replica": args.num_gpus},
         "request": {"image_size": args.image_size, "interventions_per_request": 1},
         "serving": {"via": args.via, "num_cpus_per_replica": base["num_cpus"],
-                    "parallel_min_batch": base["parallel_min_batch"]},
+                    "parallel_min_batch": base["parallel_min_batch"],
+                    "max_ongoing_requests": base["max_ongoing_requests"],
+                    "max_queued_requests": base["max_queued_requests"]},
         "results": results,
         "summary": summary,
         "target": {"concurrency": 32, "min_throughput_speedup": 3.0, "max_p99_ratio": 1.0,
