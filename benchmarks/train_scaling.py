@@ -101,8 +101,9 @@ def multinode(task, data: str, steps: int, checkpoint_every: int, tmp: Path, rep
     sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1] / "tests")]
     import multinode_cluster
     import ray
+    from helpers import S3_ENV, moto_s3
     from import_throughput import matmul_gflops
-    from multinode_cluster import S3_ENV, UNIT_CPUS, Watch, moto_s3, s3_objects, start_cluster
+    from multinode_cluster import UNIT_CPUS, Watch, s3_objects, start_cluster
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(multinode_cluster)  # its step hook runs on workers that cannot import it

@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,6 +38,52 @@ def stop_group(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "cxrcf-test", "AWS_SECRET_ACCESS_KEY": "cxrcf-test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def s3_client(endpoint: str):
+    """boto3 S3 client of the test S3 server at `endpoint`, with the test credentials."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=S3_ENV["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"])
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout_s: float = 240) -> None:
+    """Until `url` answers below 500; fails with the server's log if it exits or the time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"{what} exited:\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not answer at {url}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.3)
+
+
+@contextlib.contextmanager
+def moto_s3(root: Path, bucket: str) -> Iterator[str]:
+    """moto's S3 server (server mode) on a free loopback port with `bucket` created; yields its endpoint URL."""
+    root.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{free_port()}"
+    log_path = root / "moto.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                                 "-p", url.rsplit(":", 1)[1]], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_http(f"{url}/", proc, log_path, "moto S3 server", timeout_s=60)
+        s3_client(url).create_bucket(Bucket=bucket)
+        yield url
+    finally:
+        stop_group(proc)
 
 
 def free_port() -> int:

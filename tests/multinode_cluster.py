@@ -19,23 +19,20 @@ Scenarios (in this order, on one cluster):
 - augment: a flip plan through pipelines/augment.py with 2 actors of 2 CPUs.
 - serve: the serving app with 2 replicas of 2 CPUs behind the proxy on the head node, registry on
   SQLite; GET /v1/model through the proxy names the replica that answered.
-Writes one JSON document of what happened; the test asserts on it. `moto_s3` is the S3 server both
+Writes one JSON document of what happened; the test asserts on it. `helpers.moto_s3` is the S3 server both
 the test and benchmarks/train_scaling.py start.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +49,6 @@ OWN_TMP = None
 if __name__ == "__main__" and "RAY_TMPDIR" not in os.environ:
     OWN_TMP = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="cxmn-", dir="/tmp")
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "cxrcf-test", "AWS_SECRET_ACCESS_KEY": "cxrcf-test", "AWS_DEFAULT_REGION": "us-east-1"}
 NODE_CPUS = 3  # per worker node: one 2-CPU worker, replica or actor fits, a second does not
 UNIT_CPUS = 2.0
 STEPS, CHECKPOINT_EVERY, KILL_BEFORE = 12, 4, 10
@@ -64,45 +60,10 @@ HEAD_SYSTEM_CONFIG = {"health_check_period_ms": 1000, "health_check_failure_thre
 
 
 # ------------------------------------------------------------------------------------- S3 server
-@contextlib.contextmanager
-def moto_s3(root: Path, bucket: str) -> Iterator[str]:
-    """moto's S3 server on a free loopback port with `bucket` created; yields its endpoint URL."""
-    import boto3
-    import httpx
-    from helpers import free_port, stop_group
-
-    root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = root / "moto.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto S3 server exited:\n{log_path.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/", timeout=2).status_code < 500:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"moto S3 server did not answer at {url}:\n{log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
-        boto3.client("s3", endpoint_url=url, region_name=S3_ENV["AWS_DEFAULT_REGION"],
-                     aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
-                     aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
-        yield url
-    finally:
-        stop_group(proc)
-
-
 def s3_objects(endpoint: str, bucket: str, prefix: str) -> list[str]:
-    import boto3
+    from helpers import s3_client
 
-    client = boto3.client("s3", endpoint_url=endpoint, region_name=S3_ENV["AWS_DEFAULT_REGION"],
-                          aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"])
+    client = s3_client(endpoint)
     keys: list[str] = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         keys += [o["Key"] for o in page.get("Contents", [])]
@@ -358,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = args.scenarios.split(",")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    from helpers import S3_ENV
+
     os.environ.update(S3_ENV)
     os.environ["AWS_ENDPOINT_URL"] = args.s3
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"

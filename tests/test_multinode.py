@@ -31,7 +31,7 @@ BUCKET = "cxrcf-ray"
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
     """moto's S3 server (server mode, loopback) with BUCKET, for the module."""
-    from multinode_cluster import moto_s3
+    from helpers import moto_s3
 
     with moto_s3(tmp_path_factory.mktemp("s3"), BUCKET) as endpoint:
         yield endpoint
@@ -58,12 +58,9 @@ def cluster_run(tiny_data, s3_endpoint, tmp_path_factory):
 
 
 def _s3(endpoint: str):
-    import boto3
-    from multinode_cluster import S3_ENV
+    from helpers import s3_client
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name=S3_ENV["AWS_DEFAULT_REGION"],
-                        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"])
+    return s3_client(endpoint)
 
 
 def test_cluster_has_three_nodes(cluster_run):
@@ -191,8 +188,7 @@ def test_storage_path_refused_with_the_field_named(storage, says):
 def test_storage_path_on_s3_checked_before_the_run(s3_endpoint, monkeypatch):
     """A bucket that does not exist, and an endpoint where nothing listens, stop the run at the start
     with one line naming ray.storage_path; an endpoint variable that is not a URL names itself."""
-    from helpers import closed_port_uri
-    from multinode_cluster import S3_ENV
+    from helpers import S3_ENV, closed_port_uri
 
     from cxrcf.errors import CxrcfError
     from training.loop import resolve_storage

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from registry_fixtures import BIN, S3_ENV, _pointed_at
+from registry_fixtures import BIN, _pointed_at
 
 from cxrcf.errors import CxrcfError
 from pipelines import registry
@@ -25,8 +25,8 @@ def server(pg_s3_server):
 
 
 def test_artifacts_land_in_s3_through_the_server_and_the_schema_is_at_head(server, tmp_path):
-    import boto3
     import mlflow
+    from helpers import s3_client
 
     mlc = registry.connect()
     exp = mlc.create_experiment(f"s3-{uuid.uuid4().hex[:8]}")
@@ -34,8 +34,7 @@ def test_artifacts_land_in_s3_through_the_server_and_the_schema_is_at_head(serve
     (tmp_path / "note.txt").write_text("stored in S3")
     mlc.log_artifact(run.info.run_id, str(tmp_path / "note.txt"))
     assert mlc.get_experiment(exp).artifact_location.startswith("mlflow-artifacts:")
-    s3 = boto3.client("s3", endpoint_url=server["s3_url"], aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"], region_name=S3_ENV["AWS_DEFAULT_REGION"])
+    s3 = s3_client(server["s3_url"])
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=server["bucket"]).get("Contents", [])]
     assert any(k.startswith("mlartifacts/") and k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys), keys
     back = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="note.txt", dst_path=str(tmp_path / "dl"))
