@@ -108,7 +108,7 @@ def server(ray_cluster, registered, tiny_data, tmp_path_factory):
                         api_keys=list(keys), runner=runner)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
 
-    deploy()
+    deploy(runner=_slow_runner(HOLD_SEED, HOLD_S))  # production's run_batch, but HOLD_SEED holds its batch
     wait_ready(url)
     with httpx.Client(base_url=url, timeout=60.0) as http:
         state = {"url": url, "http": http, "deploy": deploy, "data": tiny_data, "lkg": lkg}
@@ -459,6 +459,28 @@ def test_concurrent_requests_form_batches(server):
     assert max(sizes) > 1 and max(sizes) <= 8
     stats = server["http"].get("/v1/model").json()["stats"]
     assert stats["mean_batch_size"] > 1.0 and stats["requests"] >= 24
+
+
+HOLD_SEED, HOLD_S = 171717, 2.0  # a request with this seed holds its batch (the first deployment's runner)
+
+
+def test_requests_arriving_during_a_batch_enter_the_next_one_together(server):
+    """Requests that arrive while a batch runs wait for it to end and then form one batch. Serve's
+    batcher alone forms the next batch while one runs, of whatever arrives within batch_wait_timeout_s
+    (0.05 s here), so these 6, 0.15 s apart, would each have gone alone (issue 17: past saturation
+    batches shrank and throughput fell)."""
+    body = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}]}
+    with ThreadPoolExecutor(7) as pool:
+        held = pool.submit(_post, server, {**body, "seed": HOLD_SEED})
+        time.sleep(0.5)  # the held batch is running (HOLD_S) while the others arrive
+        later = []
+        for _ in range(6):
+            later.append(pool.submit(_post, server, body))
+            time.sleep(0.15)
+        replies = [held.result(), *(f.result() for f in later)]
+    assert [r.status_code for r in replies] == [200] * 7, [r.text for r in replies]
+    sizes = [r.json()["model"]["batch_size"] for r in replies[1:]]
+    assert sizes.count(max(sizes)) >= 4 and max(sizes) >= 4, sizes  # at least 4 of the 6 in one batch
 
 
 # ------------------------------------------------------------------ run-time reconfiguration, auth
