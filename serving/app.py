@@ -995,6 +995,8 @@ def build_app(cfg: ServeConfig, name: str, alias: str | None = None, version: st
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
         health_check_period_s=cfg.health_check_period_s,
         user_config=config,
+        # Guard writes one structured access-log line per request; Serve's own would be a second one
+        logging_config={"enable_access_log": False},
         **_scaling(cfg),
     ).bind(source.model_dump(), str(data_root) if data_root else None, config, runner)
 
