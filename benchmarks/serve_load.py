@@ -70,6 +70,25 @@ def _args(argv=None):
     return p.parse_args(argv)
 
 
+def matmul_gflops(seconds: float = 3.0, threads: int = 2) -> float:
+    """fp32 2048x2048 matmuls on `threads` torch threads for about `seconds`: how fast this machine is now
+    (others' load included), written beside every result so that runs can be told apart."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        a @ b
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            n += 1
+        return round(2 * 2048**3 * n / (time.perf_counter() - start) / 1e9, 1)
+    finally:
+        torch.set_num_threads(old)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -145,7 +164,8 @@ async def _level(url: str, bodies: list[bytes], concurrency: int, total: int, ke
             "goodput_rps": round(statuses.get("200", 0) / wall, 2),
             "latency_ms": {q: round(float(np.percentile(lat, p)), 1) for q, p in
                            (("p50", 50), ("p95", 95), ("p99", 99))} | {"mean": round(float(lat.mean()), 1)},
-            "mean_batch_size": round(float(np.mean(sizes)), 2) if sizes else 0.0}
+            "mean_batch_size": round(float(np.mean(sizes)), 2) if sizes else 0.0,
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
 def _deploy(cfg, name: str, proxy_url: str, via: str, previous: str | None, keys: list[str]) -> dict:
@@ -177,7 +197,7 @@ def _row(url, bodies, c, total, key=None) -> dict:
     row = asyncio.run(_level(url, bodies, c, total, key))
     print(f"  concurrency {c:>3}: {row['throughput_rps']:>7.1f} req/s  goodput {row['goodput_rps']:>7.1f}  p50 "
           f"{row['latency_ms']['p50']:>7.1f} ms  p99 {row['latency_ms']['p99']:>7.1f}  mean batch "
-          f"{row['mean_batch_size']:.2f}  statuses {row['statuses']}", flush=True)
+          f"{row['mean_batch_size']:.2f}  statuses {row['statuses']}  load {row['loadavg_1m']}", flush=True)
     return row
 
 
@@ -259,6 +279,7 @@ def main(argv=None) -> int:
     port = _free_port()
     proxy_url = f"http://127.0.0.1:{port}"
     bodies = [json.dumps(_body(args.image_size, i)).encode() for i in range(16)]
+    conditions = {"matmul_gflops_2_threads_before": matmul_gflops(), "loadavg_before": os.getloadavg()}
     results = []
     protections = None
     previous = None
@@ -290,6 +311,7 @@ def main(argv=None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+    conditions |= {"matmul_gflops_2_threads_after": matmul_gflops(), "loadavg_after": os.getloadavg()}
 
     def pick(batching: bool, c: int):
         return next((r for r in results if r["batching"] == batching and r["concurrency"] == c), None)
@@ -313,6 +335,7 @@ def main(argv=None) -> int:
         "results": results,
         "summary": summary,
         "protections": protections,
+        "conditions": conditions,
         "target": {"concurrency": 32, "min_throughput_speedup": 3.0, "max_p99_ratio": 1.0,
                    "met": bool(target and target["throughput_speedup"] >= 3.0 and target["p99_ratio"] <= 1.0)},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
