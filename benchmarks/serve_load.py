@@ -11,6 +11,12 @@ one torch thread, which is what unbatched serving is fastest with). Requests go 
 direct-ingress port (`--via direct`, the default with serve.direct_ingress) or through the Serve
 proxy (`--via proxy`). Writes JSON with throughput, p50/p95/p99 latency and
 the mean batch size the server formed (from each reply's model.batch_size).
+
+Then the cost of the protections that can be switched (`--protections-concurrency`, default 32, batching on;
+0 skips it): the same deployment with API keys on, with the canary answering 10% of requests from the
+`candidate` alias (a second registered version), and with 25% of the champion's requests shadowed to it,
+each against the mean of the defaults measured just before and just after it in the same run. Budgets, deadlines, the body
+limit, metrics and the access log are always on and inside every number.
 """
 
 from __future__ import annotations
@@ -58,8 +64,29 @@ def _args(argv=None):
                    help="per replica (default: the larger of params.serve's, 2 x max batch and the top concurrency)")
     p.add_argument("--max-queued-requests", type=int, default=None, help="default params.serve's")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per model replica (bf16 autocast)")
+    p.add_argument("--protections-concurrency", type=int, default=32,
+                   help="clients for the protection-cost phase (0: skip it)")
     p.add_argument("--out", default="artifacts/bench/serve_load.json")
     return p.parse_args(argv)
+
+
+def matmul_gflops(seconds: float = 3.0, threads: int = 2) -> float:
+    """fp32 2048x2048 matmuls on `threads` torch threads for about `seconds`: how fast this machine is now
+    (others' load included), written beside every result so that runs can be told apart."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        a @ b
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            n += 1
+        return round(2 * 2048**3 * n / (time.perf_counter() - start) / 1e9, 1)
+    finally:
+        torch.set_num_threads(old)
 
 
 def _free_port() -> int:
@@ -69,7 +96,8 @@ def _free_port() -> int:
 
 
 def _register(params, root: Path) -> str:
-    """An untrained bundle of the preset's architecture, registered and promoted; returns its name."""
+    """An untrained bundle of the preset's architecture, registered and promoted, then registered again
+    as the `candidate` (for the canary); returns its name."""
     import torch
 
     from cxrcf.export import save_model
@@ -88,6 +116,8 @@ def _register(params, root: Path) -> str:
     out = registry.register(params, root / "generator", root / "scm", root / "predictor", root / "predictor",
                             "soft", root / "eval.json", name=name)
     registry.promote(params, name, out["version"])
+    registry.register(params, root / "generator", root / "scm", root / "predictor", root / "predictor",
+                      "soft", root / "eval.json", name=name)
     return name
 
 
@@ -101,14 +131,14 @@ def _body(size: int, i: int) -> dict:
             "interventions": [INTERVENTIONS[i % len(INTERVENTIONS)]], "t_u": 1.0, "seed": 0}
 
 
-async def _level(url: str, bodies: list[bytes], concurrency: int, total: int) -> dict:
+async def _level(url: str, bodies: list[bytes], concurrency: int, total: int, key: str | None = None) -> dict:
     # aiohttp with pre-serialised bodies: on 2 cores the load generator shares the CPUs with the server,
     # and httpx plus per-request JSON encoding cost it several times more CPU per request.
     import aiohttp
 
     latencies, sizes, errors, statuses = [], [], [], {}
     counter = iter(range(total))
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json"} | ({"X-API-Key": key} if key else {})
 
     async def worker(http):
         for i in counter:
@@ -134,24 +164,86 @@ async def _level(url: str, bodies: list[bytes], concurrency: int, total: int) ->
             "goodput_rps": round(statuses.get("200", 0) / wall, 2),
             "latency_ms": {q: round(float(np.percentile(lat, p)), 1) for q, p in
                            (("p50", 50), ("p95", 95), ("p99", 99))} | {"mean": round(float(lat.mean()), 1)},
-            "mean_batch_size": round(float(np.mean(sizes)), 2) if sizes else 0.0}
+            "mean_batch_size": round(float(np.mean(sizes)), 2) if sizes else 0.0,
+            "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
-def _direct_url(cfg, timeout_s: float = 120.0) -> str:
-    """The one replica's direct URL once it is the redeployed one (a redeploy rolls the replica onto a
-    new port, and the old one answers while it drains)."""
+def _deploy(cfg, name: str, proxy_url: str, via: str, previous: str | None, keys: list[str]) -> dict:
+    """Deploy `cfg` and wait for its replica: a redeploy rolls the replica (onto a new direct port, and the
+    old one answers while it drains), so this waits until one replica is left and it is not `previous`.
+    Returns {url, replica, info}."""
     import httpx
+    from ray import serve
 
     from serving import ingress
-    from serving.app import APP_NAME
+    from serving.app import APP_NAME, build_app, wait_ready
 
-    deadline = time.monotonic() + timeout_s
+    # every protection at its default (serving/policy.py); only the local copy goes to the temp dir
+    serve.run(build_app(cfg, name, alias="champion", api_keys=keys), name=APP_NAME, route_prefix="/", blocking=False)
+    wait_ready(proxy_url)
+    headers = {"X-API-Key": keys[0]} if keys else {}
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        found = ingress.wait_urls(cfg, APP_NAME)
-        if len(found) == 1 and httpx.get(found[0] + "/v1/model").json()["stats"]["max_batch_size"] == cfg.max_batch_size:
-            return found[0]
+        found = ingress.wait_urls(cfg, APP_NAME) if via == "direct" else [proxy_url]
+        if len(found) == 1:
+            info = httpx.get(found[0] + "/v1/model", headers=headers).json()
+            if info["replica"] != previous:
+                return {"url": found[0], "replica": info["replica"], "info": info}
         time.sleep(0.5)
-    raise RuntimeError(f"no single replica with max_batch_size {cfg.max_batch_size} after {timeout_s:.0f}s")
+    raise RuntimeError(f"no single new replica after 120s (previous {previous})")
+
+
+def _row(url, bodies, c, total, key=None) -> dict:
+    row = asyncio.run(_level(url, bodies, c, total, key))
+    print(f"  concurrency {c:>3}: {row['throughput_rps']:>7.1f} req/s  goodput {row['goodput_rps']:>7.1f}  p50 "
+          f"{row['latency_ms']['p50']:>7.1f} ms  p99 {row['latency_ms']['p99']:>7.1f}  mean batch "
+          f"{row['mean_batch_size']:.2f}  statuses {row['statuses']}  load {row['loadavg_1m']}", flush=True)
+    return row
+
+
+# the switchable protections, each measured between two runs of the defaults (serve_load's deployment as it is)
+PROTECTIONS = {
+    "api_keys": ({}, True),
+    "canary_split_10pct": ({"canary": {"weight": 0.1}}, False),
+    "canary_shadow_25pct": ({"canary": {"shadow": 0.25}}, False),
+}
+
+
+def _protections(base: dict, name: str, proxy_url: str, via: str, bodies, c: int, previous: str) -> dict:
+    """Throughput and latency with each switchable protection on, each against the mean of the defaults
+    measured just before and just after it (the machine's load drifts; neighbours drift least)."""
+    import httpx
+
+    from cxrcf.config import ServeConfig
+
+    total = min(640, max(200, 10 * c))
+    plan = [("defaults", {}, False)]
+    for label, (extra, keyed) in PROTECTIONS.items():
+        plan += [(label, extra, keyed), ("defaults", {}, False)]
+    runs = []
+    for label, extra, keyed in plan:
+        cfg = ServeConfig.model_validate({**base, **extra})
+        key = "bench-key" if keyed else None
+        deployed = _deploy(cfg, name, proxy_url, via, previous, [key] if key else [])
+        previous = deployed["replica"]
+        print(f"serve_load: protection {label} ({extra or ('api keys' if keyed else 'defaults')})", flush=True)
+        asyncio.run(_level(deployed["url"], bodies, c, 2 * c, key))  # warm-up
+        row = {"variant": label} | _row(deployed["url"], bodies, c, total, key)
+        if cfg.canary.on:  # what the replica counted per arm: the split and the shadows did happen
+            info = httpx.get(deployed["url"] + "/v1/model").json()["canary"]
+            row["canary"] = {k: info.get(k) for k in ("candidate_version", "arms", "shadow_skipped")}
+        runs.append(row)
+    cost = {}
+    for i in range(1, len(runs), 2):
+        before, on, after = runs[i - 1], runs[i], runs[i + 1]
+        rps = (before["throughput_rps"] + after["throughput_rps"]) / 2
+        p99 = (before["latency_ms"]["p99"] + after["latency_ms"]["p99"]) / 2
+        cost[on["variant"]] = {"throughput_rps": on["throughput_rps"], "defaults_throughput_rps": round(rps, 2),
+                               "throughput_ratio": round(on["throughput_rps"] / rps, 3),
+                               "p99_ms": on["latency_ms"]["p99"], "defaults_p99_ms": round(p99, 1),
+                               "p99_ratio": round(on["latency_ms"]["p99"] / p99, 3)}
+    return {"concurrency": c, "requests_per_variant": total, "runs": runs, "vs_neighbouring_defaults": cost,
+            "replica": previous}
 
 
 def main(argv=None) -> int:
@@ -172,7 +264,6 @@ def main(argv=None) -> int:
     from ray import serve
 
     from serving import ingress
-    from serving.app import APP_NAME, build_app, wait_ready
 
     base = params.serve.model_dump()
     base.update({k: v for k, v in {"num_cpus": args.num_cpus, "parallel_min_batch": args.parallel_min_batch}.items()
@@ -188,38 +279,39 @@ def main(argv=None) -> int:
     port = _free_port()
     proxy_url = f"http://127.0.0.1:{port}"
     bodies = [json.dumps(_body(args.image_size, i)).encode() for i in range(16)]
+    conditions = {"matmul_gflops_2_threads_before": matmul_gflops(), "loadavg_before": os.getloadavg()}
     results = []
+    protections = None
+    previous = None
     os.environ.update(ingress.ray_env(ServeConfig.model_validate(base)))
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for batching in (True, False):
             cfg = ServeConfig.model_validate({**base, **({} if batching else {"max_batch_size": 1})})
-            # every protection at its default (serving/policy.py); only the local copy goes to the temp dir
-            serve.run(build_app(cfg, name, alias="champion"), name=APP_NAME, route_prefix="/",
-                      blocking=False)
-            health = wait_ready(proxy_url)
-            url = _direct_url(cfg) if args.via == "direct" else proxy_url
-            info = json.loads(__import__("httpx").get(url + "/v1/model").text)
+            deployed = _deploy(cfg, name, proxy_url, args.via, previous, [])
+            url, info, previous = deployed["url"], deployed["info"], deployed["replica"]
             print(f"serve_load: batching {'on' if batching else 'off'} (max_batch_size {cfg.max_batch_size}, "
-                  f"wait {cfg.batch_wait_timeout_s}s) model {health['model']} v{health['version']} on {info['device']}"
+                  f"wait {cfg.batch_wait_timeout_s}s) model {info['name']} v{info['version']} on {info['device']}"
                   f" via {url} ({args.via})", flush=True)
             # warm-up: the first pass of each batch shape allocates and picks kernels
             top = max(args.concurrency)
             asyncio.run(_level(url, bodies, top, 4 * top))
             for c in args.concurrency:
                 total = args.requests or min(640, max(200, 10 * c))
-                row = asyncio.run(_level(url, bodies, c, total))
+                row = _row(url, bodies, c, total)
                 row |= {"batching": batching, "max_batch_size": cfg.max_batch_size,
                         "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
                 results.append(row)
-                print(f"  concurrency {c:>3}: {row['throughput_rps']:>7.1f} req/s  p50 {row['latency_ms']['p50']:>7.1f} "
-                      f"ms  p95 {row['latency_ms']['p95']:>7.1f}  p99 {row['latency_ms']['p99']:>7.1f}  "
-                      f"mean batch {row['mean_batch_size']:.2f}  errors {row['errors']}", flush=True)
+            if batching and args.protections_concurrency:
+                protections = _protections(base, name, proxy_url, args.via, bodies, args.protections_concurrency,
+                                           previous)
+                previous = protections.pop("replica")
         device = info["device"]
     finally:
         serve.shutdown()
         ray.shutdown()
+    conditions |= {"matmul_gflops_2_threads_after": matmul_gflops(), "loadavg_after": os.getloadavg()}
 
     def pick(batching: bool, c: int):
         return next((r for r in results if r["batching"] == batching and r["concurrency"] == c), None)
@@ -242,6 +334,8 @@ def main(argv=None) -> int:
                     "max_queued_requests": base["max_queued_requests"]},
         "results": results,
         "summary": summary,
+        "protections": protections,
+        "conditions": conditions,
         "target": {"concurrency": 32, "min_throughput_speedup": 3.0, "max_p99_ratio": 1.0,
                    "met": bool(target and target["throughput_speedup"] >= 3.0 and target["p99_ratio"] <= 1.0)},
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -7,6 +7,8 @@
 - Routes parse and validate every request (pydantic schemas, image codec, limits) so that nothing a
   client sends can fail a batch; only then do they await the `@serve.batch` method, which runs one
   batched forward pass in a worker thread so the event loop keeps accepting and queueing requests.
+  They enter its queue when no pass is running (`infer`), so past saturation each batch holds what
+  arrived during the last one rather than what Serve's batcher caught in one batch_wait_timeout_s.
 - One deployment rather than an ingress plus a model deployment: on a small CPU machine the extra
   actor hop per request cost more than the batching saved. For the same reason clients may skip
   Serve's proxy altogether: with `serve.direct_ingress` each replica answers on its own port too
@@ -752,6 +754,9 @@ class CounterfactualService:
         self._requests = 0
         self._batch_timeouts = 0
         self._batch_started: float | None = None
+        # open while no batch is in the inference thread: see `infer`
+        self._idle = asyncio.Event()
+        self._idle.set()
         try:
             from ray.serve import get_replica_context
 
@@ -801,6 +806,7 @@ class CounterfactualService:
         threads = self._cpus if len(requests) >= runtime()["config"].parallel_min_batch else 1
         timeout = runtime()["config"].batch_timeout_s
         work = asyncio.get_running_loop().run_in_executor(_pool("infer"), self._run, passes, threads)
+        self._idle.clear()
         try:
             results = await asyncio.wait_for(asyncio.shield(work), timeout)
         except TimeoutError:
@@ -809,6 +815,8 @@ class CounterfactualService:
             log.error("cxrcf: a batch of %d missed batch_timeout_s %gs (%d in a row)", len(requests), timeout,
                       self._batch_timeouts)
             raise BatchTimeout(f"the batch missed its deadline of {timeout:g}s (serve.batch_timeout_s)") from None
+        finally:
+            self._idle.set()
         self._batch_timeouts = 0
         self._batches += 1
         self._requests += len(requests)
@@ -820,6 +828,20 @@ class CounterfactualService:
             for i, r in zip(rows, part):
                 out[i] = (r, ref)
         return out
+
+    async def infer(self, request: tuple[str, Item]) -> tuple[ItemResult, dict]:
+        """Into the batch queue once the inference thread is free, then the batch's answer.
+
+        Serve's batcher forms the next batch while the current one runs, from whatever arrives
+        within batch_wait_timeout_s of its first request, and queues it behind the running one;
+        past saturation those batches shrank (64 clients: a mean batch of 10 and less throughput
+        than 32 clients, issue 17). Held here while a batch runs, requests enter together when it
+        ends, so the next batch holds everything that arrived meanwhile, up to max_batch_size.
+        An idle replica lets a request straight through: no wait at low load.
+        """
+        if not self._idle.is_set():
+            await self._idle.wait()
+        return await self.batched(request)
 
     def _run(self, passes, threads):
         """One forward pass per arm in the batch, one after the other on the inference thread."""
@@ -922,7 +944,7 @@ class CounterfactualService:
             # Serve's proxy and direct ingress put the client's X-Request-ID (or a fresh one) here
             arm, mirror = route(request.headers.get("x-request-id") or uuid.uuid4().hex, cfg.canary)
         try:
-            result, ref = await self.batched((arm, item))
+            result, ref = await self.infer((arm, item))
         except BatchTimeout as err:
             raise ApiError(504, "model", str(err)) from None
         except Exception as err:
@@ -932,7 +954,7 @@ class CounterfactualService:
         if cfg.canary.on:
             self._canary.tally.observe(ref["arm"], ref["version"], item.interventions, result)
             if mirror:
-                self._canary.shadow(self.batched, item, cfg.canary.max_shadow_pending)
+                self._canary.shadow(self.infer, item, cfg.canary.max_shadow_pending)
         body = await _off_loop(_reply, req, t_u, result, ref, height, width, inline=height * width <= INLINE_PIXELS)
         headers = {"X-Model-Version": ref["version"], "X-Model-Alias": ref["alias"] or ""}
         # already a validated CounterfactualResponse: sending its JSON spares FastAPI a second validation
@@ -973,6 +995,8 @@ def build_app(cfg: ServeConfig, name: str, alias: str | None = None, version: st
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s),
         health_check_period_s=cfg.health_check_period_s,
         user_config=config,
+        # Guard writes one structured access-log line per request; Serve's own would be a second one
+        logging_config={"enable_access_log": False},
         **_scaling(cfg),
     ).bind(source.model_dump(), str(data_root) if data_root else None, config, runner)
 

@@ -108,7 +108,7 @@ def server(ray_cluster, registered, tiny_data, tmp_path_factory):
                         api_keys=list(keys), runner=runner)
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
 
-    deploy()
+    deploy(runner=_slow_runner(HOLD_SEED, HOLD_S))  # production's run_batch, but HOLD_SEED holds its batch
     wait_ready(url)
     with httpx.Client(base_url=url, timeout=60.0) as http:
         state = {"url": url, "http": http, "deploy": deploy, "data": tiny_data, "lkg": lkg}
@@ -461,6 +461,28 @@ def test_concurrent_requests_form_batches(server):
     assert stats["mean_batch_size"] > 1.0 and stats["requests"] >= 24
 
 
+HOLD_SEED, HOLD_S = 171717, 2.0  # a request with this seed holds its batch (the first deployment's runner)
+
+
+def test_requests_arriving_during_a_batch_enter_the_next_one_together(server):
+    """Requests that arrive while a batch runs wait for it to end and then form one batch. Serve's
+    batcher alone forms the next batch while one runs, of whatever arrives within batch_wait_timeout_s
+    (0.05 s here), so these 6, 0.15 s apart, would each have gone alone (issue 17: past saturation
+    batches shrank and throughput fell)."""
+    body = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}]}
+    with ThreadPoolExecutor(7) as pool:
+        held = pool.submit(_post, server, {**body, "seed": HOLD_SEED})
+        time.sleep(0.5)  # the held batch is running (HOLD_S) while the others arrive
+        later = []
+        for _ in range(6):
+            later.append(pool.submit(_post, server, body))
+            time.sleep(0.15)
+        replies = [held.result(), *(f.result() for f in later)]
+    assert [r.status_code for r in replies] == [200] * 7, [r.text for r in replies]
+    sizes = [r.json()["model"]["batch_size"] for r in replies[1:]]
+    assert sizes.count(max(sizes)) >= 4 and max(sizes) >= 4, sizes  # at least 4 of the 6 in one batch
+
+
 # ------------------------------------------------------------------ run-time reconfiguration, auth
 def _wait_for(check, what: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
@@ -481,6 +503,74 @@ def test_cli_refuses_public_host_without_keys_and_unknown_alias(mlflow_uri, monk
     assert "no version has alias 'nope'" in capsys.readouterr().err
     assert main(["serve", "--params", str(params), "--max-batch-size", "0"]) == 1
     assert "max_batch_size" in capsys.readouterr().err
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the `name` samples on a Prometheus page whose labels include `labels` (0 if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_cli_metrics_port_exports_cxrcf_metrics_to_prometheus(registered, tmp_path):
+    """`cxrcf serve --metrics-port` in its own process and Ray cluster: Ray's Prometheus endpoint, scraped
+    over HTTP, carries cxrcf's request, latency, batch-size and served-version series, and they move by
+    exactly the requests sent (a 200 per good request, one 422, one 401; only the 200s are batched)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import stop_group, wait_http
+
+    version = registered["versions"][0]
+    port, metrics_port = free_port(), free_port()
+    params = tmp_path / "params.yaml"
+    # the proxy only: the session's own cluster holds the default direct ports
+    params.write_text(f"preset: smoke\nserve:\n  direct_ingress: false\n  lkg_dir: {tmp_path / 'lkg'}\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"CXRCF_API_KEYS": "scrape-key"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cxrcf.cli", "serve", "--params", str(params),
+                                 "--model-name", MODEL, "--version", version, "--port", str(port),
+                                 "--metrics-port", str(metrics_port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", proc, log, "cxrcf serve")
+        before = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        good = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}]}
+        key = {"X-API-Key": "scrape-key"}
+        with ThreadPoolExecutor(6) as pool:  # concurrent, so that some of them share a batch
+            codes = list(pool.map(lambda _: httpx.post(f"{url}/v1/counterfactuals", json=good, headers=key,
+                                                       timeout=60).status_code, range(6)))
+        codes.append(httpx.post(f"{url}/v1/counterfactuals", json={**good, "t_u": 7}, headers=key).status_code)
+        codes.append(httpx.post(f"{url}/v1/counterfactuals", json=good).status_code)
+        assert codes == [200] * 6 + [422, 401]
+
+        route = {"route": "/v1/counterfactuals"}
+
+        def moved(name, **labels):
+            return _metric(text, name, **labels) - _metric(before, name, **labels)
+
+        deadline = time.monotonic() + 90  # Ray's metrics agent exports every few seconds
+        while True:
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+            if moved("ray_cxrcf_request_latency_ms_count", **route) >= 8 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert moved("ray_cxrcf_requests_total", **route, status="200") == 6, text[-3000:]
+        assert moved("ray_cxrcf_requests_total", **route, status="422") == 1
+        assert moved("ray_cxrcf_requests_total", **route, status="401") == 1
+        assert moved("ray_cxrcf_request_latency_ms_count", **route) == 8
+        assert moved("ray_cxrcf_request_latency_ms_sum", **route) > 0
+        # the 6 good requests rode in 1 to 6 batches, the refused ones in none (Ray exports a histogram's
+        # sum from its bucket midpoints, so only the count is exact)
+        assert 1 <= moved("ray_cxrcf_batch_size_count") <= 6 and moved("ray_cxrcf_batch_size_sum") > 0
+        assert _metric(text, "ray_cxrcf_served_version", model=MODEL) == float(version)
+        assert _metric(text, "ray_serve_deployment_request_counter_total") > 0  # Serve's own series beside them
+    finally:
+        stop_group(proc)
 
 
 # ----------------------------------------------------------------------------------------- canary
