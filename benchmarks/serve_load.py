@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+from import_throughput import matmul_gflops  # the benchmarks' shared machine-speed probe
+
 from cxrcf.cli import quiet_env
 
 quiet_env()  # as every cxrcf command: Ray token auth on, telemetry off
@@ -68,25 +70,6 @@ def _args(argv=None):
                    help="clients for the protection-cost phase (0: skip it)")
     p.add_argument("--out", default="artifacts/bench/serve_load.json")
     return p.parse_args(argv)
-
-
-def matmul_gflops(seconds: float = 3.0, threads: int = 2) -> float:
-    """fp32 2048x2048 matmuls on `threads` torch threads for about `seconds`: how fast this machine is now
-    (others' load included), written beside every result so that runs can be told apart."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-        a @ b
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            a @ b
-            n += 1
-        return round(2 * 2048**3 * n / (time.perf_counter() - start) / 1e9, 1)
-    finally:
-        torch.set_num_threads(old)
 
 
 def _free_port() -> int:
@@ -279,7 +262,7 @@ def main(argv=None) -> int:
     port = _free_port()
     proxy_url = f"http://127.0.0.1:{port}"
     bodies = [json.dumps(_body(args.image_size, i)).encode() for i in range(16)]
-    conditions = {"matmul_gflops_2_threads_before": matmul_gflops(), "loadavg_before": os.getloadavg()}
+    conditions = {"matmul_gflops_2_threads_before": round(matmul_gflops(), 1), "loadavg_before": os.getloadavg()}
     results = []
     protections = None
     previous = None
@@ -311,7 +294,7 @@ def main(argv=None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
-    conditions |= {"matmul_gflops_2_threads_after": matmul_gflops(), "loadavg_after": os.getloadavg()}
+    conditions |= {"matmul_gflops_2_threads_after": round(matmul_gflops(), 1), "loadavg_after": os.getloadavg()}
 
     def pick(batching: bool, c: int):
         return next((r for r in results if r["batching"] == batching and r["concurrency"] == c), None)
