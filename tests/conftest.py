@@ -15,8 +15,9 @@ import pytest
 
 from cxrcf.cli import quiet_env
 
-# The registry's stores (SQLite, PostgreSQL + S3 server): session-wide, so the server starts once.
-pytest_plugins = ["registry_fixtures"]
+# The registry's stores (SQLite, PostgreSQL + S3 server): session-wide, so the server starts once. The
+# multi-node cluster and the pipeline's repro: started with the session, run beside the other tests.
+pytest_plugins = ["registry_fixtures", "background"]
 
 for _k, _v in {
     # Test models are tiny: a second intra-op thread only spins against the other processes on a 2-core

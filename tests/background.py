@@ -1,0 +1,187 @@
+"""The suite's longest set-ups, started in the background when the session starts.
+
+The 3-node cluster of tests/test_multinode.py (tests/multinode_cluster.py, ~2 minutes) and the smoke
+pipeline's `dvc repro` of tests/test_pipeline_e2e.py (12 stages, ~4 minutes) are self-contained
+subprocesses, each on a Ray cluster of its own. Run one after the other inside their tests they were a
+third of the suite's time, while most of that time goes to waiting on process start-ups rather than to
+computing: a whole suite used ~600 s of CPU in ~1340 s on 2 cores. Here they start as the session's first
+test starts and run beside the rest of the suite; the two test modules run last
+(`pytest_collection_modifyitems`), where their fixtures wait for the result (`Job.result`) and assert on
+it exactly as before.
+
+Each job starts only when a selected test needs it, so `pytest tests/test_config.py` starts none.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import git_dvc_repo, moto_s3, run_ok
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BIN = Path(sys.executable).parent
+# Their modules run last, so the jobs have the rest of the suite to finish in.
+LAST = ("test_multinode.py", "test_pipeline_e2e.py")
+MULTINODE_BUCKET = "cxrcf-ray"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.path.name in LAST)  # stable: the order within each group is kept
+
+
+class Job:
+    """A function run on a thread of its own; `result()` waits for it and re-raises what it raised."""
+
+    def __init__(self, name: str, fn: Callable[[], object]):
+        self.name, self.started = name, time.monotonic()
+        self._value: object = None
+        self._error: BaseException | None = None
+        self.wall_s: float | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=f"background-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._value = fn()
+        except BaseException as err:  # noqa: BLE001 (handed to the test that waits for it)
+            self._error = err
+        self.wall_s = time.monotonic() - self.started
+
+    def error(self, timeout_s: float = 1800) -> BaseException | None:
+        """Waits for the job; what it raised, or None."""
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), f"background job {self.name} still running after {timeout_s:.0f} s"
+        return self._error
+
+    def result(self, timeout_s: float = 1800):
+        waited = time.monotonic()
+        error = self.error(timeout_s)
+        print(f"\n[background] {self.name}: took {self.wall_s:.0f} s; waited {time.monotonic() - waited:.0f} s "
+              f"for it here, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+        if error is not None:
+            raise error
+        return self._value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_background_jobs(request):
+    """Starts the jobs the selected tests need, when the session's first test is set up."""
+    needed = {name for item in request.session.items for name in item.fixturenames}
+    for fixture in ("multinode_job", "pipeline_job"):
+        if fixture in needed:
+            request.getfixturevalue(fixture)
+
+
+# ----------------------------------------------------------------------------------- multi-node
+@pytest.fixture(scope="session")
+def multinode_s3(tmp_path_factory):
+    """moto's S3 server (server mode, loopback) with MULTINODE_BUCKET, for the session."""
+    with moto_s3(tmp_path_factory.mktemp("s3"), MULTINODE_BUCKET) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def multinode_job(tiny_data, multinode_s3, tmp_path_factory):
+    """tests/multinode_cluster.py in a subprocess; the Job's result is (exit code, output tail, report path,
+    work folder, wall seconds)."""
+    work = tmp_path_factory.mktemp("multinode")
+    out, log_path = work / "report.json", work / "helper.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    for key in ("RAY_ADDRESS", "RAY_TMPDIR"):  # its own cluster, in its own temp folder
+        env.pop(key, None)
+    cmd = [sys.executable, str(HERE / "multinode_cluster.py"), "--data", str(tiny_data), "--work", str(work / "run"),
+           "--s3", multinode_s3, "--bucket", MULTINODE_BUCKET, "--out", str(out)]
+    holder: dict = {}
+
+    def run():
+        t0 = time.monotonic()
+        with open(log_path, "w") as log:
+            proc = holder["proc"] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                code = proc.wait(timeout=900)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+        return code, log_path.read_text()[-6000:], out, work / "run", time.monotonic() - t0
+
+    job = Job("multinode cluster", run)
+    yield job
+    proc = holder.get("proc")
+    if proc is not None and proc.poll() is None:  # the session ended early (e.g. -x)
+        proc.kill()
+        proc.wait()
+
+
+# ------------------------------------------------------------------------------ pipeline e2e
+def pipeline_repo(repo: Path, tiny_data: Path, empty_mlflow_db: Path, smoke_params: str) -> dict:
+    """A git + DVC repository holding the project's dvc.yaml and code, `smoke_params` as params.yaml and the
+    session's smoke dataset; returns the environment its stages run with."""
+    repo.mkdir(parents=True)
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    for pkg in ("cxrcf", "training", "pipelines", "serving"):
+        shutil.copytree(ROOT / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "params.yaml").write_text(smoke_params)
+    (repo / ".gitignore").write_text("/mlruns.db\n/mlartifacts/\n/artifacts/ray/\n__pycache__/\n")
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    for key in ("MLFLOW_TRACKING_URI", "CXRCF_MLFLOW_ARTIFACTS"):  # the embedded default: sqlite:///<repo>/mlruns.db
+        env.pop(key, None)
+    env.pop("RAY_ADDRESS", None)  # the repro gets a cluster of its own (`repro_on_own_cluster`)
+    git_dvc_repo(repo, env)
+    # the session's smoke dataset: the bytes `cxrcf data synth --params params.yaml` writes for these params
+    # (the command itself is tested in test_data), without another process generating them again
+    shutil.copytree(tiny_data, repo / "data")
+    run_ok([str(BIN / "dvc"), "add", "-q", "data"], repo, env)
+    # the embedded default store the stages open, new and empty (a copy of the session's store as MLflow
+    # created it, from nothing, as a first `make run` creates this one): the first training stage would
+    # otherwise spend most of its time applying MLflow's migrations
+    shutil.copy(empty_mlflow_db, repo / "mlruns.db")
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-qm", "smoke pipeline"], repo, env)
+    return env
+
+
+# `make run`'s way (pipelines/main.py): one local Ray cluster that every stage joins, then `dvc repro`
+REPRO = """
+import os, subprocess, sys
+from pipelines.main import shared_ray_cluster
+with shared_ray_cluster() as address:
+    code = subprocess.run([sys.argv[1], "repro"], env=dict(os.environ, RAY_ADDRESS=address)).returncode
+sys.exit(code)
+"""
+
+
+def repro_on_own_cluster(repo: Path, env: dict) -> str:
+    """`dvc repro` in `repo` on a local Ray cluster of its own, started for it and stopped after it, in a
+    temp folder of its own (a plain `ray.init()` joins the cluster named in <temp>/ray, not a new one);
+    returns the output."""
+    tmp = tempfile.mkdtemp(prefix="cxe2e-", dir="/tmp")  # short: Ray's Unix socket paths live under it
+    try:
+        return run_ok([sys.executable, "-c", REPRO, str(BIN / "dvc")], repo, dict(env, RAY_TMPDIR=tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pipeline_job(tmp_path_factory, tiny_data, empty_mlflow_db):
+    """The smoke pipeline's repository and first `dvc repro`; the Job's result is (repo, env, output)."""
+    import yaml
+    from test_pipeline_e2e import SMOKE_PARAMS
+
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+
+    def run():
+        env = pipeline_repo(repo, tiny_data, empty_mlflow_db, yaml.safe_dump(SMOKE_PARAMS, sort_keys=False))
+        return repo, env, repro_on_own_cluster(repo, env)
+
+    return Job("pipeline dvc repro", run)
