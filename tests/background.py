@@ -2,7 +2,8 @@
 
 The 3-node cluster of tests/test_multinode.py (tests/multinode_cluster.py, ~2 minutes) and the smoke
 pipeline's `dvc repro` of tests/test_pipeline_e2e.py (12 stages, ~4 minutes) are self-contained
-subprocesses, each on a Ray cluster of its own. Run one after the other inside their tests they were a
+subprocesses, each on a Ray cluster of its own; the registry's PostgreSQL + S3 mlflow server
+(registry_fixtures.pg_s3_job, ~30 s) is one more. Run one after the other inside their tests they were a
 third of the suite's time, while most of that time goes to waiting on process start-ups rather than to
 computing: a whole suite used ~600 s of CPU in ~1340 s on 2 cores. Here they start as the session's first
 test starts and run beside the rest of the suite; the two test modules run last
@@ -77,7 +78,11 @@ class Job:
 def _start_background_jobs(request):
     """Starts the jobs the selected tests need, when the session's first test is set up."""
     needed = {name for item in request.session.items for name in item.fixturenames}
-    for fixture in ("multinode_job", "pipeline_job"):
+    # registry tests ask for the PostgreSQL + S3 server through their `registry_backend` parameter
+    needed |= {"pg_s3_job" for item in request.session.items
+               if getattr(item, "callspec", None) and item.callspec.params.get("registry_backend") == "postgres+s3"}
+    needed |= {"pg_s3_job"} if "pg_s3_server" in needed else set()
+    for fixture in ("multinode_job", "pipeline_job", "pg_s3_job"):
         if fixture in needed:
             request.getfixturevalue(fixture)
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from background import Job
 from helpers import S3_ENV, free_port, moto_s3, stop_group, wait_http
 
 BIN = Path(sys.executable).parent
@@ -75,16 +76,27 @@ def pg_s3_mlflow(root: Path) -> Iterator[dict]:
 
 
 @pytest.fixture(scope="session")
-def pg_s3_server():
+def pg_s3_job():
+    """Starts the PostgreSQL + S3 mlflow server on a background thread (tests/background.py starts this
+    fixture with the session, so the ~30 s start overlaps other tests); stops it when the session ends."""
     # Outside pytest's basetemp: a concurrent pytest session prunes old basetemp folders, which would
     # pull the data directory from under a running PostgreSQL.
     root = Path(tempfile.mkdtemp(prefix="cxrcf-pg-s3-"))
+    servers = pg_s3_mlflow(root)
+    job = Job("PostgreSQL + S3 mlflow server", servers.__enter__)
     try:
-        with pg_s3_mlflow(root) as info:
-            print(f"\n[registry] PostgreSQL + S3 mlflow server up: {info['timings']}", file=sys.stderr)
-            yield info
+        yield job
     finally:
+        if job.error() is None:  # started: stop it (a failed start left nothing running)
+            servers.__exit__(None, None, None)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_s3_server(pg_s3_job):
+    info = pg_s3_job.result()
+    print(f"\n[registry] PostgreSQL + S3 mlflow server up: {info['timings']}", file=sys.stderr)
+    return info
 
 
 @contextlib.contextmanager
