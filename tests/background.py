@@ -5,10 +5,12 @@ pipeline's `dvc repro` of tests/test_pipeline_e2e.py (12 stages, ~4 minutes) are
 subprocesses, each on a Ray cluster of its own; the registry's PostgreSQL + S3 mlflow server
 (registry_fixtures.pg_s3_job, ~30 s) is one more. Run one after the other inside their tests they were a
 third of the suite's time, while most of that time goes to waiting on process start-ups rather than to
-computing: a whole suite used ~600 s of CPU in ~1340 s on 2 cores. Here they start as the session's first
-test starts and run beside the rest of the suite; the two test modules run last
-(`pytest_collection_modifyitems`), where their fixtures wait for the result (`Job.result`) and assert on
-it exactly as before.
+computing: a whole suite used ~600 s of CPU in ~1340 s on 2 cores. Here they run, one after the other on
+background threads, from the session's first test on, beside the rest of the suite; the two test modules
+run last (`pytest_collection_modifyitems`), where their fixtures wait for the result (`Job.result`) and
+assert on it exactly as before. One after the other, and after the session's own Ray cluster is up:
+started all at once (five raylets, at load 33 with other work on the machine) the session cluster's raylet
+died in its start-up ("Timed out waiting for file .../metrics_agent_port").
 
 Each job starts only when a selected test needs it, so `pytest tests/test_config.py` starts none.
 """
@@ -41,11 +43,16 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 class Job:
-    """A function run on a thread of its own; `result()` waits for it and re-raises what it raised.
-    `fn(job)` may run its subprocesses through `job.run`, so that `stop()` can end them."""
+    """A function run on a thread of its own once the job created before it has ended (one job at a time:
+    several Ray clusters starting at once on 2 busy cores timed out in Ray's own start-up, see the module
+    docstring); `result()` waits for it and re-raises what it raised. `fn(job)` may run its subprocesses
+    through `job.run`, so that `stop()` can end them."""
+
+    _last: Job | None = None  # the job created last: the next one starts after it
 
     def __init__(self, name: str, fn: Callable[[Job], object]):
         self.name, self.started = name, time.monotonic()
+        self._after, Job._last = Job._last, self
         self._value: object = None
         self._error: BaseException | None = None
         self._proc: subprocess.Popen | None = None
@@ -76,6 +83,9 @@ class Job:
             stop_group(self._proc)
 
     def _run(self, fn) -> None:
+        if self._after is not None:
+            self._after._thread.join()
+        self.started = time.monotonic()
         try:
             self._value = fn(self)
         except BaseException as err:  # noqa: BLE001 (handed to the test that waits for it)
@@ -100,13 +110,14 @@ class Job:
 
 @pytest.fixture(scope="session", autouse=True)
 def _start_background_jobs(request):
-    """Starts the jobs the selected tests need, when the session's first test is set up."""
+    """Starts the jobs the selected tests need, when the session's first test is set up: the session's Ray
+    cluster first (not while another starts), then the jobs in the order their tests need them."""
     needed = {name for item in request.session.items for name in item.fixturenames}
     # registry tests ask for the PostgreSQL + S3 server through their `registry_backend` parameter
     needed |= {"pg_s3_job" for item in request.session.items
                if getattr(item, "callspec", None) and item.callspec.params.get("registry_backend") == "postgres+s3"}
     needed |= {"pg_s3_job"} if "pg_s3_server" in needed else set()
-    for fixture in ("multinode_job", "pipeline_job", "pg_s3_job"):
+    for fixture in ("ray_cluster", "pg_s3_job", "pipeline_job", "multinode_job"):
         if fixture in needed:
             request.getfixturevalue(fixture)
 
