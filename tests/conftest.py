@@ -15,8 +15,10 @@ import pytest
 
 from cxrcf.cli import quiet_env
 
-# The registry's stores (SQLite, PostgreSQL + S3 server): session-wide, so the server starts once.
-pytest_plugins = ["registry_fixtures"]
+# The multi-node cluster, the pipeline's repro and the PostgreSQL + S3 server: started with the session, run
+# beside the other tests (background). The registry's stores (SQLite, PostgreSQL + S3 server): session-wide,
+# so the server starts once. (background first: registry_fixtures imports it, after pytest rewrote it)
+pytest_plugins = ["background", "registry_fixtures"]
 
 for _k, _v in {
     # Test models are tiny: a second intra-op thread only spins against the other processes on a 2-core

