@@ -272,7 +272,7 @@ class ModelSlot:
                         self.last_error, self.state.version)
         else:
             self._keep()
-        self._report()
+        self.report()
         log.info("cxrcf: serving %s (version %s, from %s)", source.uri(), self.state.version, self.state.source)
 
     def _current_version(self) -> str:
@@ -284,7 +284,9 @@ class ModelSlot:
         except (OSError, CxrcfError) as err:  # serving matters more than the spare copy
             log.warning("cxrcf: cannot keep a last-known-good copy in %s (%s)", lkg_dir(self.config), err)
 
-    def _report(self) -> None:
+    def report(self) -> None:
+        """The served-version gauge. Ray exports a gauge only in the report intervals it was set in and its
+        agent drops it after two silent intervals (20 s by default): called again by every health check."""
         record("served_version", float(self.state.version), {"model": self.state.name,
                                                              "alias": self.source.alias or ""})
 
@@ -345,7 +347,7 @@ class ModelSlot:
         self.last_error = None
         self.reloads += 1
         self._keep()
-        self._report()
+        self.report()
         log.info("cxrcf: now serving version %s", version)
 
     def alias_state(self) -> AliasState:
@@ -778,6 +780,9 @@ class CounterfactualService:
     # ----------------------------------------------------------------------------------- health
     def check_health(self) -> None:
         """Serve restarts a replica whose batches keep missing their deadline (a hung forward pass)."""
+        for slot in (self._slot, self._canary.live()):
+            if slot is not None:
+                slot.report()
         cfg: ServeConfig = runtime()["config"]
         if self._batch_timeouts >= cfg.unhealthy_after_batch_timeouts:
             raise RuntimeError(f"{self._batch_timeouts} consecutive batches missed batch_timeout_s "

@@ -118,6 +118,12 @@ def ray_auth_mode(host: str, address: str | None, environ) -> str | None:
     return "token"
 
 
+def metrics_export(port: int | None, address: str | None) -> dict:
+    """ray.init's options for a Prometheus endpoint on `port`: only for the local cluster `cxrcf serve` starts
+    (a running cluster's own `ray start --metrics-export-port` decides for it)."""
+    return {"_metrics_export_port": port} if port and not address else {}
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -159,8 +165,7 @@ def main(argv: list[str]) -> int:
 
     from serving.app import APP_NAME, build_app, wait_ready
 
-    extra = {"_metrics_export_port": args.metrics_port} if args.metrics_port and not address else {}
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, **extra)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, **metrics_export(args.metrics_port, address))
     # service managers stop with SIGTERM (and a backgrounded shell job ignores SIGINT): stop cleanly
     signal.signal(signal.SIGTERM, _interrupt)
     try:

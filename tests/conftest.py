@@ -37,15 +37,24 @@ quiet_env()  # as every cxrcf command: Ray's token auth on, telemetry off (befor
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def metrics_port() -> int:
+    """The session cluster's Prometheus endpoint, opened as `cxrcf serve --metrics-port` opens one."""
+    from helpers import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(metrics_port):
     import ray
 
     from cxrcf.config import ServeConfig
     from serving import ingress
+    from serving.cli import metrics_export
 
     if not ray.is_initialized():
         os.environ.update(ingress.ray_env(ServeConfig()))  # replicas get direct ports, as `cxrcf serve` gives them
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, **metrics_export(metrics_port, None))
     yield ray
     from ray import serve
 

@@ -513,64 +513,50 @@ def _metric(text: str, name: str, **labels: str) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def test_cli_metrics_port_exports_cxrcf_metrics_to_prometheus(registered, tmp_path):
-    """`cxrcf serve --metrics-port` in its own process and Ray cluster: Ray's Prometheus endpoint, scraped
-    over HTTP, carries cxrcf's request, latency, batch-size and served-version series, and they move by
-    exactly the requests sent (a 200 per good request, one 422, one 401; only the 200s are batched)."""
-    import os
-    import subprocess
-    import sys
+def test_metrics_port_exports_cxrcf_metrics_to_prometheus(server, metrics_port):
+    """The session cluster opens its Prometheus endpoint as `cxrcf serve --metrics-port` does
+    (serving.cli.metrics_export): scraped over HTTP, it carries cxrcf's request, latency, batch-size and
+    served-version series, and they move by exactly the requests sent (a 200 per good request, one 422;
+    only the 200s are batched)."""
+    from store.models import resolve_alias
 
-    from helpers import stop_group, wait_http
+    scrape = f"http://127.0.0.1:{metrics_port}/metrics"
+    route = {"route": "/v1/counterfactuals"}
+    # the earlier tests' requests are exported up to a report interval (Ray's default, 10 s) after them: the
+    # page is settled when two scrapes more than an interval apart agree
+    before, deadline = "", time.monotonic() + 60
+    while time.monotonic() < deadline:
+        settled = httpx.get(scrape, timeout=10).text
+        if before and _metric(settled, "ray_cxrcf_request_latency_ms_count", **route) == \
+                _metric(before, "ray_cxrcf_request_latency_ms_count", **route):
+            break
+        before = settled
+        time.sleep(11)
+    before = settled
+    good = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}]}
+    with ThreadPoolExecutor(6) as pool:  # concurrent, so that some of them share a batch
+        codes = list(pool.map(lambda _: _post(server, good).status_code, range(6)))
+    codes.append(_post(server, {**good, "t_u": 7}).status_code)
+    assert codes == [200] * 6 + [422]
 
-    version = registered["versions"][0]
-    port, metrics_port = free_port(), free_port()
-    params = tmp_path / "params.yaml"
-    # the proxy only: the session's own cluster holds the default direct ports
-    params.write_text(f"preset: smoke\nserve:\n  direct_ingress: false\n  lkg_dir: {tmp_path / 'lkg'}\n")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"CXRCF_API_KEYS": "scrape-key"}
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cxrcf.cli", "serve", "--params", str(params),
-                                 "--model-name", MODEL, "--version", version, "--port", str(port),
-                                 "--metrics-port", str(metrics_port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/healthz", proc, log, "cxrcf serve")
-        before = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-        good = {"image": _png(_image()), "parents": PARENTS, "interventions": [{"sex": "female"}]}
-        key = {"X-API-Key": "scrape-key"}
-        with ThreadPoolExecutor(6) as pool:  # concurrent, so that some of them share a batch
-            codes = list(pool.map(lambda _: httpx.post(f"{url}/v1/counterfactuals", json=good, headers=key,
-                                                       timeout=60).status_code, range(6)))
-        codes.append(httpx.post(f"{url}/v1/counterfactuals", json={**good, "t_u": 7}, headers=key).status_code)
-        codes.append(httpx.post(f"{url}/v1/counterfactuals", json=good).status_code)
-        assert codes == [200] * 6 + [422, 401]
+    def moved(name, **labels):
+        return _metric(text, name, **labels) - _metric(before, name, **labels)
 
-        route = {"route": "/v1/counterfactuals"}
-
-        def moved(name, **labels):
-            return _metric(text, name, **labels) - _metric(before, name, **labels)
-
-        deadline = time.monotonic() + 90  # Ray's metrics agent exports every few seconds
-        while True:
-            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-            if moved("ray_cxrcf_request_latency_ms_count", **route) >= 8 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert moved("ray_cxrcf_requests_total", **route, status="200") == 6, text[-3000:]
-        assert moved("ray_cxrcf_requests_total", **route, status="422") == 1
-        assert moved("ray_cxrcf_requests_total", **route, status="401") == 1
-        assert moved("ray_cxrcf_request_latency_ms_count", **route) == 8
-        assert moved("ray_cxrcf_request_latency_ms_sum", **route) > 0
-        # the 6 good requests rode in 1 to 6 batches, the refused ones in none (Ray exports a histogram's
-        # sum from its bucket midpoints, so only the count is exact)
-        assert 1 <= moved("ray_cxrcf_batch_size_count") <= 6 and moved("ray_cxrcf_batch_size_sum") > 0
-        assert _metric(text, "ray_cxrcf_served_version", model=MODEL) == float(version)
-        assert _metric(text, "ray_serve_deployment_request_counter_total") > 0  # Serve's own series beside them
-    finally:
-        stop_group(proc)
+    deadline = time.monotonic() + 60
+    while True:  # the served version was set when the replica loaded, long before: check_health keeps it alive
+        text = httpx.get(scrape, timeout=10).text
+        if moved("ray_cxrcf_request_latency_ms_count", **route) >= 7 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert moved("ray_cxrcf_requests_total", **route, status="200") == 6, text[-3000:]
+    assert moved("ray_cxrcf_requests_total", **route, status="422") == 1
+    assert moved("ray_cxrcf_request_latency_ms_count", **route) == 7
+    assert moved("ray_cxrcf_request_latency_ms_sum", **route) > 0
+    # the 6 good requests rode in 1 to 6 batches, the refused one in none (Ray exports a histogram's sum from
+    # its bucket midpoints, so only the count is exact)
+    assert 1 <= moved("ray_cxrcf_batch_size_count") <= 6 and moved("ray_cxrcf_batch_size_sum") > 0
+    assert _metric(text, "ray_cxrcf_served_version", model=MODEL) == float(resolve_alias(MODEL, "champion"))
+    assert _metric(text, "ray_serve_deployment_request_counter_total") > 0  # Serve's own series beside them
 
 
 # ----------------------------------------------------------------------------------------- canary
