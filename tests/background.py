@@ -5,12 +5,17 @@ pipeline's `dvc repro` of tests/test_pipeline_e2e.py (12 stages, ~4 minutes) are
 subprocesses, each on a Ray cluster of its own; the registry's PostgreSQL + S3 mlflow server
 (registry_fixtures.pg_s3_job, ~30 s) is one more. Run one after the other inside their tests they were a
 third of the suite's time, while most of that time goes to waiting on process start-ups rather than to
-computing: a whole suite used ~600 s of CPU in ~1340 s on 2 cores. Here they run, one after the other on
-background threads, from the session's first test on, beside the rest of the suite; the two test modules
-run last (`pytest_collection_modifyitems`), where their fixtures wait for the result (`Job.result`) and
-assert on it exactly as before. One after the other, and after the session's own Ray cluster is up:
-started all at once (five raylets, at load 33 with other work on the machine) the session cluster's raylet
-died in its start-up ("Timed out waiting for file .../metrics_agent_port").
+computing: a whole suite used ~600 s of CPU in ~1340 s on 2 cores. Here they run on background threads
+beside the rest of the suite. The order of a session (`pytest_collection_modifyitems`):
+1. the serving tests (QUIET), alone: they assert on latency;
+2. the other tests, while the jobs run beside them: the PostgreSQL + S3 server first, then the repro and,
+   30 s after it, the multi-node cluster;
+3. the two modules of the long jobs (LAST), whose fixtures wait for the result (`Job.result`) and assert on
+   it exactly as before.
+Jobs start after the session's own Ray cluster is up and never two clusters in the same moment: started all
+at once (five raylets, at load 33 with other work on the machine) the session cluster's raylet died in its
+start-up ("Timed out waiting for file .../metrics_agent_port"). The repro and the multi-node cluster one
+after the other took ~730 s of a 894 s suite on a quiet machine (the serving tests waited 245 s for them).
 
 Each job starts only when a selected test needs it, so `pytest tests/test_config.py` starts none.
 """
@@ -26,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from helpers import git_dvc_repo, moto_s3, run_ok, stop_group
@@ -36,23 +42,35 @@ BIN = Path(sys.executable).parent
 # Their modules run last, so the jobs have the rest of the suite to finish in.
 LAST = ("test_multinode.py", "test_pipeline_e2e.py")
 MULTINODE_BUCKET = "cxrcf-ray"
+PIPELINE_JOB = "pipeline dvc repro"
+
+
+# Serving tests assert on latency (deadlines, batching, replica replacement): they run first, before any job
+# starts, with nothing beside them. A full run with the 3-node cluster still going during them (it took 721 s,
+# at load up to 240 with a second suite on the machine) failed test_late_batch_fails_alone_with_504_... on its
+# deadline.
+QUIET = ("test_serving.py", "test_serving_faults.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: item.path.name in LAST)  # stable: the order within each group is kept
+    # stable: the order within each group is kept
+    items.sort(key=lambda item: 0 if item.path.name in QUIET else 2 if item.path.name in LAST else 1)
 
 
 class Job:
-    """A function run on a thread of its own once the job created before it has ended (one job at a time:
-    several Ray clusters starting at once on 2 busy cores timed out in Ray's own start-up, see the module
-    docstring); `result()` waits for it and re-raises what it raised. `fn(job)` may run its subprocesses
-    through `job.run`, so that `stop()` can end them."""
+    """A function run on a thread of its own once the job `after` has ended (by default the job created
+    before it) and `delay_s` more seconds have passed; `result()` waits for it and re-raises what it raised.
+    `fn(job)` may run its subprocesses through `job.run`, so that `stop()` can end them."""
 
-    _last: Job | None = None  # the job created last: the next one starts after it
+    _last: Job | None = None  # the job created last: the next one starts after it by default
+    every: ClassVar[list[Job]] = []
 
-    def __init__(self, name: str, fn: Callable[[Job], object]):
-        self.name, self.started = name, time.monotonic()
-        self._after, Job._last = Job._last, self
+    def __init__(self, name: str, fn: Callable[[Job], object], after: Job | None | str = "last",
+                 delay_s: float = 0.0):
+        self.name, self.started, self.delay_s = name, time.monotonic(), delay_s
+        self._after = Job._last if after == "last" else after
+        Job._last = self
+        Job.every.append(self)
         self._value: object = None
         self._error: BaseException | None = None
         self._proc: subprocess.Popen | None = None
@@ -85,6 +103,8 @@ class Job:
     def _run(self, fn) -> None:
         if self._after is not None:
             self._after._thread.join()
+        if self.delay_s and not self._stopped:
+            time.sleep(self.delay_s)
         self.started = time.monotonic()
         try:
             self._value = fn(self)
@@ -108,13 +128,22 @@ class Job:
         return self._value
 
 
-@pytest.fixture(scope="session", autouse=True)
+_started = False
+
+
+@pytest.fixture(autouse=True)
 def _start_background_jobs(request):
-    """Starts the jobs the selected tests need, when the session's first test is set up: the session's Ray
-    cluster first (not while another starts), then the jobs in the order their tests need them."""
-    needed = {name for item in request.session.items for name in item.fixturenames}
+    """Starts the jobs the selected tests need when the session's first test outside QUIET is set up (the
+    serving tests run first, with no job beside them): the session's Ray cluster first (not while another
+    starts), then the jobs in the order their tests need them."""
+    global _started
+    if _started or request.node.path.name in QUIET:
+        return
+    _started = True
+    items = request.session.items
+    needed = {name for item in items for name in item.fixturenames}
     # registry tests ask for the PostgreSQL + S3 server through their `registry_backend` parameter
-    needed |= {"pg_s3_job" for item in request.session.items
+    needed |= {"pg_s3_job" for item in items
                if getattr(item, "callspec", None) and item.callspec.params.get("registry_backend") == "postgres+s3"}
     needed |= {"pg_s3_job"} if "pg_s3_server" in needed else set()
     for fixture in ("ray_cluster", "pg_s3_job", "pipeline_job", "multinode_job"):
@@ -122,16 +151,13 @@ def _start_background_jobs(request):
             request.getfixturevalue(fixture)
 
 
-# Serving tests assert on latency (deadlines, batching, replica replacement): they run with no job beside
-# them. A full run with the 3-node cluster still going during them (it took 721 s, at load up to 240 with
-# a second suite on the machine) failed test_late_batch_fails_alone_with_504_... on its deadline.
-QUIET = ("test_serving.py", "test_serving_faults.py")
-
-
 @pytest.fixture(autouse=True)
 def _no_background_job_beside_serving(request):
-    if request.node.path.name in QUIET and Job._last is not None:
-        Job._last.error()  # the jobs run one after the other: the last one ended means all did
+    """A serving test selected after the jobs started (e.g. `pytest tests/test_a.py tests/test_serving.py`
+    keeps that order only within each group, so this is a guard) waits for every job to end."""
+    if request.node.path.name in QUIET:
+        for job in Job.every:
+            job.error()
 
 
 # ----------------------------------------------------------------------------------- multi-node
@@ -159,7 +185,10 @@ def multinode_job(tiny_data, multinode_s3, tmp_path_factory):
         code, tail = job.run(cmd, None, env, work / "helper.log")
         return code, tail, out, work / "run", time.monotonic() - t0
 
-    job = Job("multinode cluster", run)
+    # beside the pipeline's repro rather than after it: both spend most of their time waiting on process
+    # start-ups. Started 30 s after it, so that the two clusters never start at the same moment.
+    pipeline = next((j for j in Job.every if j.name == PIPELINE_JOB), None)
+    job = Job("multinode cluster", run, after=pipeline._after if pipeline else "last", delay_s=30 if pipeline else 0)
     yield job
     job.stop()
 
@@ -230,6 +259,6 @@ def pipeline_job(tmp_path_factory, tiny_data, empty_mlflow_db):
         assert code == 0, f"dvc repro failed ({code}):\n{out}"
         return repo, env, (repo.parent / "repro.log").read_text()
 
-    job = Job("pipeline dvc repro", run)
+    job = Job(PIPELINE_JOB, run)
     yield job
     job.stop()
