@@ -9,7 +9,7 @@ computing: a whole suite used ~600 s of CPU in ~1340 s on 2 cores. Here they run
 beside the rest of the suite. The order of a session (`pytest_collection_modifyitems`):
 1. the serving tests (QUIET), alone: they assert on latency;
 2. the other tests, while the jobs run beside them: the PostgreSQL + S3 server first, then the repro and,
-   30 s after it, the multi-node cluster;
+   once the repro's Ray cluster is up, the multi-node cluster;
 3. the two modules of the long jobs (LAST), whose fixtures wait for the result (`Job.result`) and assert on
    it exactly as before.
 Jobs start after the session's own Ray cluster is up and never two clusters in the same moment: started all
@@ -59,15 +59,14 @@ def pytest_collection_modifyitems(session, config, items):
 
 class Job:
     """A function run on a thread of its own once the job `after` has ended (by default the job created
-    before it) and `delay_s` more seconds have passed; `result()` waits for it and re-raises what it raised.
+    before it); `result()` waits for it and re-raises what it raised.
     `fn(job)` may run its subprocesses through `job.run`, so that `stop()` can end them."""
 
     _last: Job | None = None  # the job created last: the next one starts after it by default
     every: ClassVar[list[Job]] = []
 
-    def __init__(self, name: str, fn: Callable[[Job], object], after: Job | None | str = "last",
-                 delay_s: float = 0.0):
-        self.name, self.started, self.delay_s = name, time.monotonic(), delay_s
+    def __init__(self, name: str, fn: Callable[[Job], object], after: Job | None | str = "last"):
+        self.name, self.started = name, time.monotonic()
         self._after = Job._last if after == "last" else after
         Job._last = self
         Job.every.append(self)
@@ -103,8 +102,6 @@ class Job:
     def _run(self, fn) -> None:
         if self._after is not None:
             self._after._thread.join()
-        if self.delay_s and not self._stopped:
-            time.sleep(self.delay_s)
         self.started = time.monotonic()
         try:
             self._value = fn(self)
@@ -177,18 +174,22 @@ def multinode_job(tiny_data, multinode_s3, tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     for key in ("RAY_ADDRESS", "RAY_TMPDIR"):  # its own cluster, in its own temp folder
         env.pop(key, None)
+    # beside the pipeline's repro rather than after it (both spend most of their time waiting on process
+    # start-ups), once the repro's cluster is up: a cluster that starts while another starts beside a busy
+    # suite times out in Ray's start-up ("The current node timed out during startup").
+    pipeline = next((j for j in Job.every if j.name == PIPELINE_JOB), None)
     cmd = [sys.executable, str(HERE / "multinode_cluster.py"), "--data", str(tiny_data), "--work", str(work / "run"),
            "--s3", multinode_s3, "--bucket", MULTINODE_BUCKET, "--out", str(out)]
 
     def run(job: Job):
         t0 = time.monotonic()
+        while pipeline is not None and not pipeline.cluster_up.exists() and pipeline._thread.is_alive() \
+                and time.monotonic() - t0 < 600:
+            time.sleep(1)
         code, tail = job.run(cmd, None, env, work / "helper.log")
         return code, tail, out, work / "run", time.monotonic() - t0
 
-    # beside the pipeline's repro rather than after it: both spend most of their time waiting on process
-    # start-ups. Started 30 s after it, so that the two clusters never start at the same moment.
-    pipeline = next((j for j in Job.every if j.name == PIPELINE_JOB), None)
-    job = Job("multinode cluster", run, after=pipeline._after if pipeline else "last", delay_s=30 if pipeline else 0)
+    job = Job("multinode cluster", run, after=pipeline._after if pipeline else "last")
     yield job
     job.stop()
 
@@ -229,9 +230,10 @@ def pipeline_repo(repo: Path, env: dict, tiny_data: Path, empty_mlflow_db: Path,
 # `make run`'s way (pipelines/main.py): one local Ray cluster that every stage joins, then `dvc repro`. In a
 # temp folder of its own (a plain `ray.init()` joins the cluster named in <temp>/ray rather than start one).
 REPRO = """
-import os, subprocess, sys
+import os, pathlib, subprocess, sys
 from pipelines.main import shared_ray_cluster
 with shared_ray_cluster() as address:
+    pathlib.Path(sys.argv[2]).touch()  # the cluster is up: the multi-node job may start its own
     code = subprocess.run([sys.argv[1], "repro"], env=dict(os.environ, RAY_ADDRESS=address)).returncode
 sys.exit(code)
 """
@@ -245,6 +247,7 @@ def pipeline_job(tmp_path_factory, tiny_data, empty_mlflow_db):
     from test_pipeline_e2e import SMOKE_PARAMS
 
     repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    up = repo.parent / "cluster-up"  # written by REPRO once its cluster is up
     env = pipeline_env()
     smoke = yaml.safe_dump(SMOKE_PARAMS, sort_keys=False)
 
@@ -252,13 +255,14 @@ def pipeline_job(tmp_path_factory, tiny_data, empty_mlflow_db):
         pipeline_repo(repo, env, tiny_data, empty_mlflow_db, smoke)
         tmp = tempfile.mkdtemp(prefix="cxe2e-", dir="/tmp")  # short: Ray's Unix socket paths live under it
         try:
-            code, out = job.run([sys.executable, "-c", REPRO, str(BIN / "dvc")], repo, dict(env, RAY_TMPDIR=tmp),
-                                repo.parent / "repro.log")
+            code, out = job.run([sys.executable, "-c", REPRO, str(BIN / "dvc"), str(up)], repo,
+                                dict(env, RAY_TMPDIR=tmp), repo.parent / "repro.log")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         assert code == 0, f"dvc repro failed ({code}):\n{out}"
         return repo, env, (repo.parent / "repro.log").read_text()
 
     job = Job(PIPELINE_JOB, run)
+    job.cluster_up = up
     yield job
     job.stop()
