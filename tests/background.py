@@ -62,13 +62,11 @@ class Job:
     before it); `result()` waits for it and re-raises what it raised.
     `fn(job)` may run its subprocesses through `job.run`, so that `stop()` can end them."""
 
-    _last: Job | None = None  # the job created last: the next one starts after it by default
-    every: ClassVar[list[Job]] = []
+    every: ClassVar[list[Job]] = []  # in the order they were created
 
     def __init__(self, name: str, fn: Callable[[Job], object], after: Job | None | str = "last"):
         self.name, self.started = name, time.monotonic()
-        self._after = Job._last if after == "last" else after
-        Job._last = self
+        self._after = (Job.every[-1] if Job.every else None) if after == "last" else after
         Job.every.append(self)
         self._value: object = None
         self._error: BaseException | None = None
