@@ -205,6 +205,32 @@ class DecoderBlock(nn.Module):
         # the prior chain's next input; the last block has no successor
         self.z_feat_proj = None if last else nn.Conv2d(zd + in_w, out_w, 1)
         self.conv = Block(in_w, mid, out_w, k)
+        self.adapter = GatedAdapter(out_w) if res in arch.gated_adapters else None
+
+    def convolve(self, h: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        h = self.conv(h)
+        return h if self.adapter is None else self.adapter(h, gate)
+
+
+class GatedAdapter(nn.Module):
+    """h + (1 - f) A0(h) + f A1(h) for a binary parent f (N,): per value a 3x3 convolution, GELU and a 1x1
+    convolution that starts at zero, so the adapter is the identity until CFT trains it. On factual images the
+    ELBO constraint keeps the adapter of the image's own value harmless; under do(f) the other adapter meets
+    features of the other value and its edit depends on them (issue 14)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.inner = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(2))
+        self.outer = nn.ModuleList(nn.Conv2d(width, width, 1) for _ in range(2))
+        with torch.no_grad():
+            for c in self.outer:
+                c.weight.zero_()
+                c.bias.zero_()
+
+    def forward(self, h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        a0, a1 = (_apply(o, F.gelu(_apply(i, h))) for i, o in zip(self.inner, self.outer))
+        f = f.view(-1, 1, 1, 1).to(h.dtype)
+        return h + a0 + f * (a1 - a0)
 
 
 def _std(raw: torch.Tensor) -> torch.Tensor:
@@ -255,6 +281,7 @@ class Decoder(nn.Module):
             mask = torch.ones(arch.context_dim)
             mask[template_columns(arch.template_only)] = 0.0
         self.register_buffer("deep_mask", mask, persistent=False)
+        self.gate_col = template_columns(("finding",))[0]
 
     def forward(self, ctx: torch.Tensor, acts: dict[int, torch.Tensor] | None = None,
                 latents: list[torch.Tensor] | None = None, t: float | None = None,
@@ -266,6 +293,7 @@ class Decoder(nn.Module):
         pa = F.gelu(ctx)  # the posterior's 1x1 sees GELU(pa) (its block starts with GELU)
         # the generative path sees every parent except those that act through the template alone
         ctx_gen = ctx if self.deep_mask is None else ctx * self.deep_mask
+        gate = ctx[:, self.gate_col]
         first = self.bias[str(self.resolutions[0])]
         h = z_state = first.expand(n, -1, -1, -1).contiguous(memory_format=_CL)
         xq: dict[int, list[torch.Tensor]] = {}
@@ -301,7 +329,7 @@ class Decoder(nn.Module):
                 w_z = _matrix(blk.z_proj)
                 h = h + _conv(a_prior, (w_feat + w_z @ w_loc)[:, :, None, None],
                               b_feat + w_z @ b_loc + blk.z_proj.bias) + pa_feat
-                h = blk.conv(h)
+                h = blk.convolve(h, gate)
                 if nxt is not None:
                     z_state = _conv(a_prior, (w_nxt_z @ w_loc + w_nxt_feat @ w_feat)[:, :, None, None],
                                     w_nxt_z @ b_loc + w_nxt_feat @ b_feat + nxt.bias)
@@ -326,7 +354,7 @@ class Decoder(nn.Module):
             zs.append(z)
             j += 1
             h = h + p_feat + _apply(blk.z_proj, z) + pa_feat
-            h = blk.conv(h)
+            h = blk.convolve(h, gate)
             if nxt is not None:
                 # z_feat_proj([z, p_feat]) without the concatenation: p_feat is linear in a_prior
                 z_state = (_conv(z, w_nxt_z[:, :, None, None], w_nxt_feat @ b_feat + nxt.bias)
@@ -366,6 +394,10 @@ class HVAE(nn.Module):
         if set(arch.parent_maps) & set(arch.template_only):
             raise CxrcfError(f"generator.arch.parent_maps: {sorted(set(arch.parent_maps) & set(arch.template_only))} "
                              "act through the template alone (template_only), so a map of them would stay unused")
+        dec_res = {st.res for st in dec}
+        if not set(arch.gated_adapters) <= dec_res:
+            raise CxrcfError(f"generator.arch.gated_adapters: {sorted(set(arch.gated_adapters) - dec_res)} "
+                             f"not among the decoder resolutions {sorted(dec_res)}")
         template = None
         if arch.parent_template:
             template = torch.zeros(arch.context_dim, arch.input_channels, arch.resolution, arch.resolution)
@@ -431,6 +463,10 @@ class HVAE(nn.Module):
         for b in self.decoder.blocks:
             out += [b.z_proj_pa.weight] + ([b.pa_map] if b.pa_map is not None else [])
         return out
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The finding-gated adapters' weights (empty without `gated_adapters`)."""
+        return [p for b in self.decoder.blocks if b.adapter is not None for p in b.adapter.parameters()]
 
     @torch.no_grad()
     def kl_per_block(self, x: torch.Tensor, ctx: torch.Tensor) -> list[dict]:

@@ -277,7 +277,11 @@ class _Evaluator:
                 "ideal_l1_ratio": ideal}
 
     def probe_latents(self) -> dict:
-        """KL per block and linear probes on the abducted latents of the first `check.probe_images` images."""
+        """KL per block and linear probes on the abducted latents of the first `check.probe_images` images.
+
+        The probes read the posterior means (t = 0): a posterior sample adds unit noise on every channel the
+        model leaves at its prior, thousands of them, and that noise hid what the used channels carry from a
+        linear read-out of ~500 images (effusion size R^2 0.12 on samples, 0.79 on means; issue 14 note)."""
         import numpy as np
         import torch
 
@@ -293,7 +297,7 @@ class _Evaluator:
                 s = slice(i, min(i + self.cfg.batch_size, n))
                 x = self.x[s].to(self.device)
                 ctx = context({a: v[s] for a, v in self.parents.items()}).to(self.device)
-                zs = self.hvae.abduct(x, ctx, generator=gen)
+                zs = self.hvae.abduct(x, ctx, t=0.0, generator=gen)
                 feats.append(torch.cat([z.flatten(1) for z in zs], 1).float().cpu())
             m = min(n, 256)
             kl = self.hvae.kl_per_block(self.x[:m].to(self.device),

@@ -3,8 +3,8 @@
 A model passes when
 1. its counterfactuals follow their parents: the evaluation predictor finds the new value on x*
    (AUC of do(sex) and do(finding)) well above chance;
-2. its latents carry the image: a linear probe on the abducted latents recovers, on SynthCXR, the
-   simulator's per-image evidence (R^2). The probe's AUC for the factual attributes is reported and
+2. its latents carry the image: a linear probe on the abducted latents (the posterior means) recovers,
+   on SynthCXR, the simulator's per-image evidence (R^2). The probe's AUC for the factual attributes is reported and
    gated only when `evaluate.check.min_probe_auc` is set: latents that are the exogenous noise they
    stand for are independent of the parents, so an ideal model scores ~0.5 there;
 3. on SynthCXR it does better than doing nothing: for do(sex), do(race) and do(finding) its L1 to

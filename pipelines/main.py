@@ -146,6 +146,10 @@ def run(params_path: str = "params.yaml") -> int:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     with shared_ray_cluster() as address:
+        if not os.environ.get("RAY_ADDRESS"):
+            # a one-node local cluster has no node to drain: Ray Train's preemption watcher (an actor per worker
+            # group start, which logged an error line at each) has nothing to watch
+            env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         env["RAY_ADDRESS"] = address
         print("[pipeline] dvc repro", flush=True)
         proc = subprocess.run(_dvc() + ["repro"], check=False, env=env)

@@ -158,7 +158,7 @@ def test_cft_gives_the_parent_paths_their_learning_rate_factor_through_the_loop(
     trainable = [p for p in plain.model.parameters() if p.requires_grad]
     opt = make_optimizer(plain, trainable, optim)
     assert len(opt.param_groups) == 1 and [id(p) for p in opt.param_groups[0]["params"]] == [id(p) for p in trainable]
-    fast = CFTObjective(**parts, cft_cfg=params.cft.model_copy(update={"parent_lr_mult": 10.0}))
+    fast = CFTObjective(**parts, cft_cfg=params.cft.model_copy(update={"parent_lr_mult": 10.0, "train": "all"}))
     trainable = [p for p in fast.model.parameters() if p.requires_grad]
     opt = make_optimizer(fast, trainable, optim)
     rest, paths = opt.param_groups
@@ -170,3 +170,32 @@ def test_cft_gives_the_parent_paths_their_learning_rate_factor_through_the_loop(
     # the predictor and the SCM stay out of every group
     frozen = {id(p) for p in list(fast.predictor.parameters()) + list(fast.scm.parameters())}
     assert not frozen & {id(p) for g in opt.param_groups for p in g["params"]}
+
+
+def test_cft_on_adapters_trains_only_them_and_draws_k_by_its_weights():
+    from cxrcf.config import PredictorArch, SCMConfig, preset_params
+    from cxrcf.hvae import HVAE
+    from cxrcf.predictor import Predictor
+    from cxrcf.scm import AttributeSCM
+    from training.cft import CFT_PARENTS, CFTObjective
+    from training.loop import step_rng
+
+    params = preset_params("smoke")
+    arch = params.generator.arch
+    pred_arch = PredictorArch(kind="cnn", resolution=arch.resolution, width=8)
+    cfg = params.cft.model_copy(update={"k_weights": {"finding": 3.0, "sex": 1.0}})
+    objective = CFTObjective(mode="hard", hvae_arch=arch, hvae_state=HVAE(arch).state_dict(), pred_arch=pred_arch,
+                             pred_state=Predictor(pred_arch).state_dict(), scm_cfg=SCMConfig(),
+                             scm_state=AttributeSCM(SCMConfig()).state_dict(), beta=1.0, eps=1.0, cft_cfg=cfg)
+    adapters = {id(p) for p in objective.model.adapter_parameters()}
+    assert {id(p) for p in objective.model.parameters() if p.requires_grad} == adapters
+    assert next(g["params"] for g in objective.param_groups()) == objective.model.adapter_parameters()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 32, 32, generator=g) * 2 - 1
+    parents = {"sex": torch.tensor([0.0, 1, 0, 1]), "race": torch.tensor([0, 1, 2, 0]),
+               "age": torch.tensor([30.0, 50, 70, 40]), "finding": torch.tensor([0.0, 1, 1, 0])}
+    drawn = []
+    for step in range(40):
+        out = objective(x, parents, step_rng(0, step, 0, "cpu"))
+        drawn.append(next(k for k in CFT_PARENTS if out[f"k_{k}"] == 1))
+    assert set(drawn) <= {"finding", "sex"} and 20 <= drawn.count("finding") <= 38

@@ -43,6 +43,10 @@ def test_missing_file_means_the_default_preset(tmp_path):
         ("serve:\n  port: 70000\n", r"serve\.port = 70000: .*less than or equal to 65535"),
         ("serve:\n  port: 8150\n", r"serve: .*port 8150 lies in the replicas' direct ports 8100-8199"),
         ("cft:\n  modes: [hard, medium]\n", r"cft\.modes\.1 = 'medium': .*'hard' or 'soft'"),
+        ("cft:\n  k_weights: {sex: -1, finding: 1}\n", r"cft\.k_weights: .*weights must be >= 0 with at least one > 0"),
+        ("generator:\n  arch:\n    gated_adapters: []\n", r"cft\.train = 'adapters' needs generator\.arch\.gated_adapters"),
+        ("predictors:\n  guidance:\n    adversarial: {eps: -0.1}\n",
+         r"predictors\.guidance\.adversarial\.eps = -0\.1: .*greater than or equal to 0"),
     ],
 )
 def test_bad_parameters_name_key_value_and_reason(tmp_path, yaml_text, expected):

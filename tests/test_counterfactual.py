@@ -97,7 +97,7 @@ def test_one_pass_elbo_and_abduction_match_the_separate_calls(model):
     with torch.no_grad():
         losses, latents, pixels = model.elbo_with_abduction(
             x, ctx, beta=4.0, generator=torch.Generator().manual_seed(3))
-        x_star = counterfactual_from_abduction(model, x, latents, pixels, ctx_star, t_u=1.0)
+        x_star = counterfactual_from_abduction(model, x, latents, pixels, ctx, ctx_star, t_u=1.0)
         torch.manual_seed(5)
         separate = model(x, ctx, beta=4.0)
         torch.manual_seed(5)
@@ -107,3 +107,39 @@ def test_one_pass_elbo_and_abduction_match_the_separate_calls(model):
     assert (x_star - x).abs().mean() > 1e-3  # the intervention did something, so the match is not trivial
     assert all(torch.equal(separate[k], together[k]) for k in ("loss", "nll", "kl", "nelbo"))
     assert torch.allclose(losses["nelbo"], losses["nll"] + losses["kl"])
+
+
+def test_the_finding_edit_is_soft_thresholded_where_the_finding_flips_and_passes_its_gradient(model):
+    from cxrcf.counterfactual import sparse_finding_edit
+
+    tau = model.arch.gated_edit_threshold
+    assert tau == 0.1
+    x = torch.zeros(2, 1, 2, 2)
+    ctx = torch.zeros(2, 6)
+    ctx_star = ctx.clone()
+    ctx_star[0, 5] = 1.0  # image 0 gains the finding; image 1 is not intervened on the finding
+    raw = torch.tensor([[0.05, -0.3], [0.12, -0.08]]).expand(2, 1, 2, 2).clone().requires_grad_(True)
+    out = sparse_finding_edit(model, x, raw, ctx, ctx_star)
+    torch.testing.assert_close(out[0, 0], torch.tensor([[0.0, -0.2], [0.02, 0.0]]))
+    torch.testing.assert_close(out[1], raw[1].detach())
+    # straight-through: the thresholded edit passes the gradient of the raw one, so an edit can grow from zero
+    (grad,) = torch.autograd.grad(out.sum(), raw)
+    torch.testing.assert_close(grad, torch.ones_like(grad))
+
+
+def test_only_do_finding_is_thresholded_and_exactly_by_the_soft_threshold(model):
+    raw_model = HVAE(model.arch.model_copy(update={"gated_edit_threshold": 0.0}))
+    raw_model.load_state_dict(model.state_dict())
+    x, ctx = _batch()
+    star = ctx.clone()
+    star[:, 5] = 1 - star[:, 5]
+
+    def cf(m, c):
+        with torch.no_grad():
+            return counterfactual(m, x, ctx, c, generator=torch.Generator().manual_seed(0))
+
+    raw = cf(raw_model, star) - x
+    want = x + torch.sign(raw) * torch.relu(raw.abs() - 0.1)
+    torch.testing.assert_close(cf(model, star), want)
+    assert ((want - x).abs() < (raw.abs() - 0.099).clamp_min(0) + 1e-6).all() and (want == x).any()
+    torch.testing.assert_close(cf(model, _flip_sex(ctx)), cf(raw_model, _flip_sex(ctx)), rtol=0, atol=0)

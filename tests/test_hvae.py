@@ -170,6 +170,10 @@ def _plain_elbo(model: HVAE, x: torch.Tensor, ctx: torch.Tensor, beta: float, no
             z = p_loc
         w_z = torch.cat([blk.z_proj.weight, blk.z_proj_pa.weight[:, :, None, None]], dim=1)
         h = block(blk.conv, h + p_feat + F.conv2d(torch.cat([z, pa], dim=1), w_z, blk.z_proj.bias))
+        if blk.adapter is not None:
+            a0, a1 = (o(F.gelu(i(h))) for i, o in zip(blk.adapter.inner, blk.adapter.outer))
+            f = ctx[:, 5, None, None, None]
+            h = h + (1 - f) * a0 + f * a1
         if blk.z_feat_proj is not None:
             z_state = blk.z_feat_proj(torch.cat([z, p_feat], dim=1))
     out = model.likelihood(h)
@@ -337,3 +341,30 @@ def test_parent_maps_start_at_zero_and_give_the_parent_a_located_edit():
     with pytest.raises(CxrcfError, match="parent_maps"):
         HVAE(base.model_copy(update={"template_only": ("finding",), "parent_template": ("finding",),
                                      "parent_maps": ("finding",)}))
+
+
+def test_gated_adapters_start_as_the_identity_act_by_the_finding_and_stay_frozen_in_pretraining():
+    from training.generator import GeneratorObjective
+
+    base = _arch("smoke").model_copy(update={"gated_adapters": ()})
+    plain = HVAE(base)
+    gated = HVAE(base.model_copy(update={"gated_adapters": (16, 32)}))
+    missing = gated.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(".adapter." in k for k in missing)
+    assert len(gated.adapter_parameters()) == 2 * 2 * 2 * 2  # blocks x (inner, outer) x (A0, A1) x (weight, bias)
+    x, ctx = _images(6, 32), _ctx(6)
+    zs = plain.abduct(x, ctx, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(gated.decode(zs, ctx), plain.decode(zs, ctx), rtol=0, atol=1e-6)
+    # a non-zero A1 changes the images whose finding is 1 and no other
+    with torch.no_grad():
+        gated.decoder.blocks[-1].adapter.outer[1].bias.fill_(0.5)
+    moved = (gated.decode(zs, ctx)[0] - plain.decode(zs, ctx)[0]).flatten(1).abs().amax(1)
+    f = ctx[:, 5] == 1
+    assert f.any() and (~f).any()
+    assert (moved[~f] == 0).all() and (moved[f] > 1e-3).all()
+    with pytest.raises(CxrcfError, match="gated_adapters: \\[24\\]"):
+        HVAE(base.model_copy(update={"gated_adapters": (24,)}))
+    objective = GeneratorObjective(preset_params("smoke").generator)
+    adapters = {id(p) for p in objective.model.adapter_parameters()}
+    assert adapters and all(not p.requires_grad for p in objective.model.adapter_parameters())
+    assert all(p.requires_grad for p in objective.model.parameters() if id(p) not in adapters)

@@ -119,3 +119,25 @@ def test_training_halves_are_disjoint_and_fixed(tiny_data):
     v1, _ = load_half(str(tiny_data), 24, "first", "val")
     v2, _ = load_half(str(tiny_data), 24, "second", "val")
     assert torch.equal(v1, v2)
+
+
+def test_the_adversarial_batch_stays_in_its_l2_ball_and_in_range_and_raises_the_loss():
+    from cxrcf.config import PredictorArch
+    from cxrcf.predictor import Predictor, predictor_loss
+    from training.predictors import l2_adversarial
+
+    torch.manual_seed(0)
+    model = Predictor(PredictorArch(kind="cnn", resolution=32, width=8, dropout=0.0)).eval()
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(8, 1, 32, 32, generator=g) * 2 - 1).clamp(-0.98, 0.98)
+    x[0] = 1.0  # a saturated image: the ball is cut at the range
+    parents = {"sex": torch.randint(0, 2, (8,), generator=g).float(), "race": torch.randint(0, 3, (8,), generator=g),
+               "age": torch.rand(8, generator=g) * 60 + 20, "finding": torch.randint(0, 2, (8,), generator=g).float()}
+    adv = l2_adversarial(model, x, parents, eps=0.5, steps=3)
+    assert not adv.requires_grad and all(p.grad is None for p in model.parameters())
+    assert (adv.flatten(1) - x.flatten(1)).norm(dim=1).max() <= 0.5 + 1e-5
+    assert adv.min() >= -1 and adv.max() <= 1
+    with torch.no_grad():
+        def loss(images):
+            return predictor_loss(model(images, finding=parents["finding"]), parents)[0]
+        assert loss(adv) > loss(x) + 1e-3

@@ -129,6 +129,12 @@ class CFTObjective(nn.Module):
         self.scm.load_state_dict(scm_state)
         for frozen in (self.predictor, self.scm):
             frozen.requires_grad_(False)
+        if cft_cfg.train == "adapters":
+            self.model.requires_grad_(False)
+            for p in self.model.adapter_parameters():
+                p.requires_grad_(True)
+        w = cft_cfg.k_weights
+        self.k_probs = None if w is None else torch.tensor([float(w.get(k, 0.0)) for k in CFT_PARENTS])
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -140,12 +146,16 @@ class CFTObjective(nn.Module):
     def forward(self, x, parents, rng):
         from cxrcf.counterfactual import counterfactual_from_abduction
 
-        k = CFT_PARENTS[int(torch.randint(len(CFT_PARENTS), (1,), generator=rng.shared))]
+        if self.k_probs is None:
+            k = CFT_PARENTS[int(torch.randint(len(CFT_PARENTS), (1,), generator=rng.shared))]
+        else:
+            k = CFT_PARENTS[int(torch.multinomial(self.k_probs, 1, generator=rng.shared))]
         perm = torch.randperm(len(x), generator=rng.local).to(x.device)
         star = self.scm.counterfactual(parents, {k: parents[k][perm]}, generator=rng.device)
         # F and the abduction come from the same posterior sample: one encoder+decoder pass, not two.
         elbo, latents, pixels = self.model.elbo_with_abduction(x, context(parents), self.beta, generator=rng.device)
-        x_star = counterfactual_from_abduction(self.model, x, latents, pixels, context(star), t_u=self.t_u)
+        x_star = counterfactual_from_abduction(self.model, x, latents, pixels, context(parents), context(star),
+                                              t_u=self.t_u)
         probs = None
         if self.mode == "soft":
             with torch.no_grad():

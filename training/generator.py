@@ -20,6 +20,9 @@ class GeneratorObjective(nn.Module):
         from cxrcf.hvae import HVAE
 
         self.model = HVAE(cfg.arch)
+        # the finding-gated adapters stay the identity through pretraining: CFT trains them
+        for p in self.model.adapter_parameters():
+            p.requires_grad_(False)
         if template is not None:
             with torch.no_grad():
                 self.model.template.copy_(template)
