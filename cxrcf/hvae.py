@@ -21,7 +21,10 @@ Speed notes (the maths is the reference's; only the arithmetic is rearranged):
   computed;
 - the next prior input, z_feat_proj([z, prior features]), is taken as a map of z plus a map of the
   prior's last activations (the composition of z_feat_proj with the prior's output 1x1), so the
-  widest concatenation of the pass is never built.
+  widest concatenation of the pass is never built;
+- the per-resolution decoder bias is added by `_AddSpatialBias`, whose backward sums the channels-last
+  gradient over the batch as a (N, H*W*C) matrix: autograd's broadcast reduction of the same tensor
+  takes a strided path ~40x slower (14.5 ms against 0.3 ms for a (32, 32, 64, 64) gradient, 2 threads).
 """
 
 from __future__ import annotations
@@ -207,6 +210,24 @@ class DecoderBlock(nn.Module):
         self.conv = Block(in_w, mid, out_w, k)
 
 
+class _AddSpatialBias(torch.autograd.Function):
+    """x (N, C, H, W) + b (1, C, H, W). Autograd's own backward sums a channels-last gradient over the batch
+    with a strided reduction ~40x slower than the same sum over a (N, H*W*C) view, which this one uses."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return b + x  # b first: the sum takes its (channels-last) layout where x has none (1x1 upsampled)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        if g.is_contiguous(memory_format=_CL):
+            n, c, hh, ww = g.shape
+            gb = g.permute(0, 2, 3, 1).reshape(n, -1).sum(0).view(1, hh, ww, c).permute(0, 3, 1, 2)
+        else:
+            gb = g.sum(0, keepdim=True)
+        return g, gb
+
+
 def _std(raw: torch.Tensor) -> torch.Tensor:
     return F.softplus(raw + _SOFTPLUS_OF_ONE) + LATENT_STD_MIN
 
@@ -281,8 +302,9 @@ class Decoder(nn.Module):
             res = blk.res
             if h.shape[-1] < res:
                 b = self.bias[str(res)]
-                h = b + F.interpolate(h, scale_factor=res // h.shape[-1])
-                z_state = b + F.interpolate(z_state, scale_factor=res // z_state.shape[-1])
+                h = _AddSpatialBias.apply(F.interpolate(h, scale_factor=res // h.shape[-1]), b)
+                z_state = _AddSpatialBias.apply(
+                    F.interpolate(z_state, scale_factor=res // z_state.shape[-1]), b)
             zd, w = blk.z_dim, blk.in_w
             pa_feat = blk.z_proj_pa(ctx_gen)[:, :, None, None]
             if blk.pa_map is not None:
