@@ -24,7 +24,11 @@ Speed notes (the maths is the reference's; only the arithmetic is rearranged):
   widest concatenation of the pass is never built;
 - the per-resolution decoder bias is added by `_AddSpatialBias`, whose backward sums the channels-last
   gradient over the batch as a (N, H*W*C) matrix: autograd's broadcast reduction of the same tensor
-  takes a strided path ~40x slower (14.5 ms against 0.3 ms for a (32, 32, 64, 64) gradient, 2 threads).
+  takes a strided path ~40x slower (14.5 ms against 0.3 ms for a (32, 32, 64, 64) gradient, 2 threads);
+- the KL of each stochastic block comes from `_GaussianKLOverSpace`, with its derivatives written out:
+  autograd's backward of the spatial sum starts from a stride-0 expansion, so the KL's gradients came
+  out contiguous (NCHW), met channels-last tensors in every later op (mixed layouts take a slow path)
+  and reached the prior's output convolution in the wrong layout.
 """
 
 from __future__ import annotations
@@ -237,8 +241,30 @@ def _noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tenso
     return torch.empty(like.shape, dtype=like.dtype, device=like.device).normal_(generator=generator)
 
 
-def _gaussian_kl(q_loc, q_std, p_loc, p_std) -> torch.Tensor:
-    return torch.log(p_std / q_std) + 0.5 * (q_std.square() + (q_loc - p_loc).square()) / p_std.square() - 0.5
+class _GaussianKLOverSpace(torch.autograd.Function):
+    """KL(N(q_loc, q_std) || N(p_loc, p_std)) summed over space -> (N, C), with its derivatives written out:
+    log(p_std / q_std) + (q_std^2 + (q_loc - p_loc)^2) / (2 p_std^2) - 1/2. Autograd's backward starts from
+    the sum's stride-0 expansion, so its first ops make contiguous (NCHW) gradients that then meet
+    channels-last tensors in every later op of the chain (mixed layouts take a slow path) and reach the
+    prior's output convolution in the wrong layout; here every gradient is computed from the saved
+    channels-last tensors, in their layout."""
+
+    @staticmethod
+    def forward(ctx, q_loc, q_std, p_loc, p_std):
+        d = q_loc - p_loc
+        p_var = p_std.square()
+        ratio = (q_std.square() + d.square()) / p_var  # (q_std^2 + d^2) / p_std^2
+        ctx.save_for_backward(d, q_std, p_std, p_var, ratio)
+        return (torch.log(p_std / q_std) + 0.5 * ratio - 0.5).sum(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, g):
+        d, q_std, p_std, p_var, ratio = ctx.saved_tensors
+        g = g[:, :, None, None]
+        g_loc = g * d / p_var
+        g_q_std = g * (q_std / p_var - q_std.reciprocal())
+        g_p_std = g * (1.0 - ratio) / p_std
+        return g_loc, g_q_std, -g_loc, g_p_std
 
 
 class Decoder(nn.Module):
@@ -337,7 +363,7 @@ class Decoder(nn.Module):
                 a = _apply(blk.q_h, F.gelu(h)) + xq[res].pop(0) + blk.q_pa(pa)[:, :, None, None]
                 q_loc, q_raw = blk.posterior.tail(a).chunk(2, dim=1)
                 q_std = _std(q_raw)
-                kl.append(_gaussian_kl(q_loc, q_std, p_loc, p_std).sum(dim=(2, 3)))
+                kl.append(_GaussianKLOverSpace.apply(q_loc, q_std, p_loc, p_std))
                 if t is not None:
                     q_std = q_std * t
                 z = q_loc + q_std * _noise(q_loc, generator)
