@@ -30,7 +30,7 @@ def _predict(loc_star, logscale_star, u, t_u: float):
 def sparse_finding_edit(hvae, x: torch.Tensor, x_star: torch.Tensor, ctx: torch.Tensor,
                         ctx_star: torch.Tensor) -> torch.Tensor:
     """x* with its edit soft-thresholded where the finding flips (see the module doc); x* itself otherwise."""
-    tau = getattr(hvae.arch, "gated_edit_threshold", 0.0)
+    tau = hvae.arch.gated_edit_threshold
     if tau <= 0:
         return x_star
     col = hvae.decoder.gate_col

@@ -16,10 +16,16 @@ from torch import nn
 TASKS = ("guidance", "evaluation")
 
 
+def _loss(model, x: torch.Tensor, parents: dict):
+    from cxrcf.predictor import predictor_loss
+
+    # The age head is trained on the true finding label, as the contract prescribes.
+    return predictor_loss(model(x, finding=parents["finding"].float()), parents)
+
+
 def l2_adversarial(model, x: torch.Tensor, parents: dict, eps: float, steps: int) -> torch.Tensor:
     """The worst case of the predictor loss within an L2 ball of radius `eps` around each image, by projected
     gradient ascent (normalised steps of 2.5 eps / steps); images stay in [-1, 1]. No parameter gradients."""
-    from cxrcf.predictor import predictor_loss
 
     def per_image(t):
         return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
@@ -27,7 +33,7 @@ def l2_adversarial(model, x: torch.Tensor, parents: dict, eps: float, steps: int
     delta = torch.zeros_like(x)
     for _ in range(steps):
         delta.requires_grad_(True)
-        loss, _ = predictor_loss(model(x + delta, finding=parents["finding"].float()), parents)
+        loss, _ = _loss(model, x + delta, parents)
         (grad,) = torch.autograd.grad(loss, delta)
         delta = delta.detach() + (2.5 * eps / steps) * grad / per_image(grad)
         delta = (x + delta * (eps / per_image(delta)).clamp(max=1.0)).clamp(-1.0, 1.0) - x
@@ -43,15 +49,12 @@ class PredictorObjective(nn.Module):
         self.adversarial = adversarial
 
     def forward(self, x, parents, rng):
-        from cxrcf.predictor import predictor_loss
-
         adv = self.adversarial
         if adv is not None and adv.eps > 0:
             # each batch twice: clean, and at its worst case in the eps-ball
             x = torch.cat([x, l2_adversarial(self.model, x, parents, adv.eps, adv.steps)])
             parents = {k: torch.cat([v, v]) for k, v in parents.items()}
-        # The age head is trained on the true finding label, as the contract prescribes.
-        loss, parts = predictor_loss(self.model(x, finding=parents["finding"].float()), parents)
+        loss, parts = _loss(self.model, x, parents)
         return {"loss": loss, **parts}
 
 
