@@ -156,6 +156,7 @@ def train_generator(params, data_root, out_dir, metrics_file=None, resume=False,
     from cxrcf.hvae import HVAE
     from training.common import finish, load_arrays, tracked_fit, write_model
 
+    HVAE(params.generator.arch)  # a bad architecture fails here in one line, not in a retried Ray worker
     with tracked_fit(params, "generator", [make_task(params, data_root)], out_dir, resume, data_root=data_root,
                      **loop_kwargs) as (
             result, run_id):
